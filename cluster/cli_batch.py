@@ -1,0 +1,171 @@
+"""Batch commands that use models: ``aicluster embed`` and ``aicluster generate``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+CONFIG_HELP = "config.yaml to use (default: $AICLUSTER_CONFIG, ./config.yaml, the project's)."
+
+
+def _connect(address, config_path):
+    from .cli import quiet_dask
+    from .client import connect
+
+    quiet_dask()
+    from .config import ConfigError
+
+    try:
+        return connect(config_path, address=address) if address else connect(config_path, dashboard_port=0)
+    except (ConfigError, ConnectionError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _fail(e: Exception):
+    raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+@click.command("embed")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the vectors (.npy).")
+@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--model", default="minilm", show_default=True, help="An embedding model from config.yaml.")
+@click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
+@click.option("--chunk-size", default=512, show_default=True, help="Texts per Dask task (progress advances per chunk).")
+@click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, config_path):
+    """Embed FILE (one text per line) into OUTPUT.npy, rows in line order.
+
+    \b
+    Example:
+      aicluster embed passages.txt -o passages.npy --address tcp://192.168.1.10:8786
+    """
+    import numpy as np
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from .client import _task
+
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise click.ClickException(f"{file} is empty: nothing to embed")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            raise click.ClickException(f"{file}:{i + 1} is an empty line; remove it (every line is one text)")
+    with _connect(address, config_path) as ai:
+        try:
+            spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
+            parts = [ai._submit_routed(route, f"model {model!r}", _task("embed"), lines[i:i + chunk_size], model, spec,
+                                       dict(batch_size=batch_size, normalize=normalize, truncate=False), offset=i)
+                     for i in range(0, len(lines), chunk_size)]
+            done = []
+            with tqdm(total=len(lines), desc="embedding", unit="text") as bar:
+                for f in as_completed(parts):
+                    part = f.result()
+                    done.append(part)
+                    bar.update(part["n"])
+        except Exception as e:
+            _fail(e)
+        done.sort(key=lambda p: p["offset"])
+        arr = np.concatenate([p["embeddings"] for p in done])
+    np.save(output, arr)
+    click.echo(f"wrote {output}: {arr.shape[0]} vectors of {arr.shape[1]} dimensions")
+
+
+@click.command("generate")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL, one object per line: {"prompt": "...", "id": optional, "max_tokens": optional}.')
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL of results; an existing file is resumed (ids already there are skipped).")
+@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--model", default="gemma-270m", show_default=True, help="A generation model from config.yaml.")
+@click.option("--max-tokens", default=128, show_default=True, help="Tokens per answer, unless a line sets max_tokens.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--in-flight", default=8, show_default=True, help="Prompts submitted at once (bounds cluster memory).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, in_flight, config_path):
+    """Generate an answer for every prompt in a JSONL file, writing each as it finishes.
+
+    Interrupted runs resume: ids already in OUTPUT are not generated again.
+
+    \b
+    Example:
+      aicluster generate --prompts questions.jsonl -o answers.jsonl --max-tokens 64
+    """
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    jobs = []
+    for n, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise click.ClickException(f"{prompts_file}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise click.ClickException(f'{prompts_file}:{n}: expected {{"prompt": "<non-empty text>"}}, got {line[:80]}')
+        jobs.append({"id": str(obj.get("id", n)), "prompt": obj["prompt"], "max_tokens": int(obj.get("max_tokens", max_tokens))})
+    ids = [j["id"] for j in jobs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise click.ClickException(f"{prompts_file}: id {dup!r} appears more than once")
+    done_ids = set()
+    if output.exists():
+        text = output.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            # an interrupted run cut its last line: drop it (it is generated again), so
+            # the next record does not get glued onto it
+            text = text[: text.rfind("\n") + 1]
+            output.write_text(text, encoding="utf-8")
+        for line in text.splitlines():
+            try:
+                done_ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # not one of our records
+    todo = [j for j in jobs if j["id"] not in done_ids]
+    if done_ids:
+        click.echo(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} already in {output}")
+    if not todo:
+        click.echo("nothing left to do")
+        return
+    failed = 0
+    with _connect(address, config_path) as ai, output.open("a", encoding="utf-8") as out, \
+            tqdm(total=len(todo), desc="generating", unit="prompt") as bar:
+        pending = iter(todo)
+        by_key = {}
+
+        def submit_next(ac):
+            job = next(pending, None)
+            if job is not None:
+                f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"], temperature=temperature)
+                by_key[f.key] = job
+                ac.add(f)
+
+        try:
+            ac = as_completed([])
+            for _ in range(in_flight):
+                submit_next(ac)
+            for f in ac:
+                job = by_key.pop(f.key)
+                if f.status == "error":
+                    failed += 1
+                    rec = {"id": job["id"], "error": f"{type(f.exception()).__name__}: {f.exception()}"}
+                else:
+                    r = f.result()
+                    rec = {"id": job["id"], "prompt": job["prompt"], "text": r["text"], "completion_tokens": r["completion_tokens"],
+                           "finish_reason": r["finish_reason"], "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]}
+                if "error" not in rec:
+                    out.write(json.dumps(rec) + "\n")
+                    out.flush()
+                else:
+                    tqdm.write(f"prompt {job['id']}: {rec['error']}")
+                bar.update(1)
+                submit_next(ac)
+        except Exception as e:
+            _fail(e)
+    click.echo(f"wrote {len(todo) - failed} answers to {output}" + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
+    if failed:
+        raise SystemExit(1)

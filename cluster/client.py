@@ -1,0 +1,378 @@
+"""The facade people use from notebooks and scripts: ``from cluster import connect``.
+
+``connect()`` returns an ``AICluster``: the Dask ``Client`` (``.client``) plus routing by
+tier, model calls that go where the model is resident, and a status table.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import queue
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import dask
+from dask.utils import funcname
+from distributed import Client, Future
+
+from . import routing
+from .config import Config, ConfigError, load_config
+from .plugin import PLUGIN_NAME, ModelHost
+from .status import format_table, worker_rows
+
+__all__ = ["AICluster", "connect", "ClusterStatus", "GenerationStream"]
+
+logger = logging.getLogger("cluster.client")
+
+#: Task functions of the workloads package, named so that ``cluster`` does not import it.
+TASKS = {
+    "generate": "workloads.llm:generate_task",
+    "embed": "workloads.embeddings:embed_task",
+    "concat": "workloads.embeddings:concat_task",
+}
+GENERATE_BACKENDS = ("llamacpp", "transformers")
+EMBED_BACKENDS = ("sentence_transformers",)
+
+
+def _task(name: str) -> Callable:
+    module, _, attr = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class ClusterStatus(list):
+    """Worker rows (a list of dicts) that print as a table and render in notebooks."""
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cols = ["name", "tier", "simulated", "device", "device_name", "vram_total", "memory_limit", "budget", "used", "running"]
+        head = "".join(f"<th>{c}</th>" for c in cols + ["models"])
+        body = ""
+        for r in self:
+            cells = "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols)
+            models = ", ".join(f"{n} ({m['bytes'] / 1e6:.0f} MB)" for n, m in r["models"].items())
+            body += f"<tr>{cells}<td>{html.escape(models)}</td></tr>"
+        note = "<p><i>simulated</i>: tier forced on a machine without such a GPU; work runs on the CPU.</p>" if any(r["simulated"] for r in self) else ""
+        return f"<table><tr>{head}</tr>{body}</table>{note}"
+
+    def to_dict(self) -> dict:
+        return {"workers": list(self)}
+
+    @property
+    def tiers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self:
+            out.setdefault(r["tier"], []).append(r["name"])
+        return out
+
+
+class GenerationStream:
+    """Text pieces of one generation as they are produced; ``.result()`` gives the final dict."""
+
+    def __init__(self, client: Client, topic: str):
+        self.client, self.topic = client, topic
+        self._q: queue.Queue = queue.Queue()
+        self.future: Future | None = None
+        client.subscribe_topic(topic, lambda event: self._q.put(event[1]))
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                try:
+                    msg = self._q.get(timeout=0.2)
+                except queue.Empty:
+                    if self.future is not None and self.future.done() and self._q.empty():
+                        if self.future.status == "error":
+                            self.future.result()  # raises the task's error
+                        return
+                    continue
+                if msg is None:
+                    return
+                yield msg
+        finally:
+            self.client.unsubscribe_topic(self.topic)
+
+    def result(self, timeout=None) -> dict:
+        return self.future.result(timeout=timeout)
+
+
+class AICluster:
+    """A Dask client plus tier routing and model calls. Use ``connect()`` to make one."""
+
+    def __init__(self, client: Client, config: Config, cluster=None):
+        self.client = client
+        self.config = config
+        self.cluster = cluster
+        client.register_plugin(routing.TierGuard())
+        client.register_plugin(ModelHost(config))
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @property
+    def dashboard_link(self) -> str:
+        return self.client.dashboard_link
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.client.scheduler.address
+
+    def _workers(self) -> dict:
+        return self.client.scheduler_info(n_workers=-1)["workers"]
+
+    def live_tiers(self) -> dict[str, list[str]]:
+        """``{tier: [worker addresses]}`` of the workers connected now."""
+        return routing.live_tiers(self._workers(), self.config.tiers)
+
+    def _check_tier(self, tier: str) -> None:
+        if tier not in self.config.tiers:
+            raise ValueError(f"tier {tier!r} is not a tier; known: {', '.join(self.config.tiers)}")
+
+    def route(self, tier: str, what: str = "this task", prefer: Sequence[str] = ()) -> routing.Route:
+        """Where work for ``tier`` goes now (raises ``NoWorkerForTier`` when nowhere)."""
+        self._check_tier(tier)
+        return routing.resolve(self.config.fallback_chain(tier), self.live_tiers(), what, prefer)
+
+    def _submit_routed(self, route: routing.Route, what: str, fn, *args, **kwargs) -> Future:
+        with dask.annotate(**route.annotation(what)):
+            return self.client.submit(fn, *args, **route.submit_kwargs(), **kwargs)
+
+    # -- generic work ------------------------------------------------------------------------
+    def submit(self, fn: Callable, *args, tier: str | None = None, key: str | None = None,
+               pure: bool = False, retries: int | None = None, priority: int = 0, **kwargs) -> Future:
+        """``Client.submit`` routed to a tier (with fallback); ``tier=None`` runs anywhere.
+
+        ``key``, ``pure``, ``retries`` and ``priority`` are Dask's; other keyword arguments
+        go to ``fn``.
+        """
+        opts = dict(key=key, pure=pure, retries=retries, priority=priority)
+        if tier is None:
+            return self.client.submit(fn, *args, **opts, **kwargs)
+        what = f"{funcname(fn)}"
+        return self._submit_routed(self.route(tier, what), what, fn, *args, **opts, **kwargs)
+
+    def map(self, fn: Callable, *iterables: Iterable, tier: str | None = None, pure: bool = False,
+            retries: int | None = None, **kwargs) -> list[Future]:
+        """``Client.map`` routed to a tier (with fallback)."""
+        if tier is None:
+            return self.client.map(fn, *iterables, pure=pure, retries=retries, **kwargs)
+        what = f"{funcname(fn)}"
+        route = self.route(tier, what)
+        with dask.annotate(**route.annotation(what)):
+            return self.client.map(fn, *iterables, pure=pure, retries=retries, **route.submit_kwargs(), **kwargs)
+
+    # -- models ------------------------------------------------------------------------------
+    def _model_route(self, model: str, kinds: tuple[str, ...], verb: str, tier: str | None = None) -> tuple[Any, routing.Route]:
+        spec = self.config.model(model)
+        if spec.backend in sum((GENERATE_BACKENDS, EMBED_BACKENDS), ()) and spec.backend not in kinds:
+            raise ValueError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
+                             + ", ".join(n for n, m in self.config.models.items() if m.backend in kinds))
+        workers = self._workers()
+        prefer = []
+        if self.config.routing.prefer_resident:
+            for addr, w in workers.items():
+                host = (w.get("metrics") or {}).get("aicluster") or {}
+                if model in host.get("models", {}) or model in host.get("loading", []):
+                    prefer.append(addr)
+        chain = self.config.fallback_chain(tier or spec.tier)
+        if tier is not None:
+            self._check_tier(tier)
+        route = routing.resolve(chain, routing.live_tiers(workers, self.config.tiers), f"model {model!r}", prefer)
+        return spec, route
+
+    def generate(self, prompt: str | Sequence[str], model: str = "gemma-270m", max_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                 seed: int | None = None, stream: bool = False,
+                 tier: str | None = None) -> Future | list[Future] | GenerationStream:
+        """Generate text with ``model`` on its tier; returns a Future (a list for a list of prompts).
+
+        Parameters
+        ----------
+        prompt
+            One prompt, or a list (one task each, spread over the tier's workers).
+        max_tokens
+            Tokens to generate at most (> 0). Prompt + max_tokens must fit the context.
+        temperature, top_p, seed
+            Sampling; ``temperature=0`` (default) is greedy and deterministic.
+        stop
+            Strings that end generation (not included in the text).
+        stream
+            Return a ``GenerationStream`` (single prompt only): iterate it for text pieces.
+        tier
+            Override the model's tier (fallbacks still apply).
+
+        The result dict holds ``text``, ``prompt_tokens``, ``completion_tokens``,
+        ``finish_reason``, timings, and the ``worker`` / ``tier`` that ran it.
+        """
+        prompts, single = _check_texts(prompt, "prompt")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        stop = list(stop or [])
+        if any(not isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a list of strings, got {stop!r}")
+        if stream and not single:
+            raise ValueError("stream=True takes a single prompt")
+        spec, route = self._model_route(model, GENERATE_BACKENDS, "generate text", tier)
+        fn = _task("generate")
+        params = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                      stop=stop, seed=seed)
+        if stream:
+            topic = f"aicluster-stream-{uuid.uuid4().hex}"
+            s = GenerationStream(self.client, topic)
+            s.future = self._submit_routed(route, f"model {model!r}", fn, prompts[0], model, spec, params,
+                                           index=None, topic=topic, key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            return s
+        futures = [
+            self._submit_routed(route, f"model {model!r}", fn, p, model, spec, params, index=None if single else i,
+                                key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            for i, p in enumerate(prompts)
+        ]
+        return futures[0] if single else futures
+
+    def generate_now(self, prompt: str | Sequence[str], **kwargs) -> dict | list[dict]:
+        """Blocking ``generate``: the result dict (or list of dicts)."""
+        f = self.generate(prompt, **kwargs)
+        return self.client.gather(f)
+
+    def embed(self, texts: str | Sequence[str], model: str = "minilm", batch_size: int = 64,
+              normalize: bool = False, truncate: bool = False, chunk_size: int | None = None,
+              details: bool = False, tier: str | None = None) -> Future:
+        """Embed ``texts`` on the model's tier; a Future of one array in the input order.
+
+        Parameters
+        ----------
+        texts
+            A list of non-empty strings (or one string, giving a 1-D vector).
+        batch_size
+            Texts per forward pass on the worker.
+        normalize
+            L2-normalise each vector.
+        truncate
+            Allow texts longer than the model reads to be cut (default: an error).
+        chunk_size
+            Texts per Dask task. None: at least 16 batches' worth, and about two tasks per
+            live worker of the tier, so task overhead stays small.
+        details
+            Return ``{"embeddings": array, "batches": [{worker, tier, n, seconds}, ...]}``.
+        """
+        items, single = _check_texts(texts, "text")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        spec, route = self._model_route(model, EMBED_BACKENDS, "embed texts", tier)
+        if chunk_size is None:
+            n_workers = max(1, len(self.live_tiers().get(route.tier, [])))
+            chunk_size = max(16 * batch_size, math.ceil(len(items) / (2 * n_workers)))
+        n_parts = math.ceil(len(items) / chunk_size)
+        if route.workers and n_parts > len(route.workers) and len(self.live_tiers().get(route.tier, [])) > len(route.workers):
+            # more chunks than workers holding the model: let every worker of the tier help
+            # (each loads the model once); a small job stays where the model lives
+            route = route.spread()
+        fn = _task("embed")
+        what = f"model {model!r}"
+        params = dict(batch_size=batch_size, normalize=normalize, truncate=truncate)
+        token = uuid.uuid4().hex[:12]
+        parts = [
+            self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
+                                key=f"embed-{model}-{token}-{i}")
+            for i in range(0, len(items), chunk_size)
+        ]
+        return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}")
+
+    def embed_now(self, texts: str | Sequence[str], **kwargs):
+        """Blocking ``embed``: a numpy array (or the details dict)."""
+        return self.embed(texts, **kwargs).result()
+
+    def unload(self, model: str) -> dict[str, bool]:
+        """Unload ``model`` from every worker; ``{worker: was_resident}``."""
+        return self.client.run(_unload_on_worker, model)
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> ClusterStatus:
+        """Workers with tier, simulated/real, device, VRAM/RAM, resident models, running tasks."""
+        return ClusterStatus(worker_rows(self._workers(), self.config.tier_names))
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "AICluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        tiers = {t: len(a) for t, a in self.live_tiers().items()}
+        return f"<AICluster {self.scheduler_address} tiers={tiers} dashboard={self.dashboard_link}>"
+
+
+def _unload_on_worker(model: str, dask_worker=None) -> bool:
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    return bool(host and host.unload(model))
+
+
+def _check_texts(value, what: str) -> tuple[list[str], bool]:
+    """A list of non-empty strings (and whether a single string was given)."""
+    if isinstance(value, str):
+        items, single = [value], True
+    elif isinstance(value, (list, tuple)):
+        items, single = list(value), False
+    else:
+        raise TypeError(f"expected a string or a list of strings as {what}s, got {type(value).__name__}")
+    if not items:
+        raise ValueError(f"no {what}s given: the list is empty")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"{what} {i} is a {type(t).__name__}, not a string: {t!r:.60}")
+        if not t.strip():
+            raise ValueError(f"{what} {i} is empty")
+    return items, single
+
+
+def connect(config: str | dict | Config | None = None, address: str | None = None,
+            timeout: float = 30, **cluster_kwargs) -> AICluster:
+    """Connect to a cluster, or start the embedded one.
+
+    Parameters
+    ----------
+    config
+        A config.yaml path, dict or Config (None: $AICLUSTER_CONFIG, ./config.yaml, the project's).
+    address
+        A scheduler address (``tcp://192.168.1.10:8786``); None starts the embedded cluster of
+        ``local.workers`` (simulated tiers on a machine without GPUs) and waits for its workers.
+    cluster_kwargs
+        Passed to ``cluster.local.local_cluster`` (e.g. ``dashboard_port=0``).
+
+    Examples
+    --------
+    >>> from cluster import connect
+    >>> ai = connect()                                   # embedded cluster
+    >>> ai = connect(address="tcp://192.168.1.10:8786")  # the scheduler on PC1
+    >>> ai.submit(sum, [1, 2], tier="VRAM12").result()
+    3
+    """
+    cfg = load_config(config)
+    if address is None:
+        from .local import local_cluster
+
+        cluster = local_cluster(cfg, **cluster_kwargs)
+        client = Client(cluster, security=cfg.security_object())
+        client.wait_for_workers(len(cfg.local.workers), timeout=timeout)
+        return AICluster(client, cfg, cluster)
+    if cluster_kwargs:
+        raise TypeError(f"{', '.join(cluster_kwargs)} only apply to the embedded cluster (address=None)")
+    try:
+        client = Client(address, security=cfg.security_object(), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach the scheduler at {address} ({e}). Is `aicluster scheduler` (or "
+            f"`dask scheduler --preload cluster.scheduler`) running there, and is the port open?"
+        ) from None
+    return AICluster(client, cfg)

@@ -1,0 +1,321 @@
+"""Load and validate ``config.yaml``.
+
+The schema is written with pydantic (strict keys, typed fields) so that every error can
+name its key path; cross-references (tier names used by models, routing, workers) are
+checked after the field types, with the allowed values in the message.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from dask.utils import parse_bytes
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["Config", "ConfigError", "load_config", "find_config", "BACKENDS"]
+
+#: Backends known to the workloads package; `cluster` never imports their code.
+BACKENDS = ("sentence_transformers", "llamacpp", "transformers")
+
+ENV_VAR = "AICLUSTER_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and key path."""
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '12GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(parse_bytes(value.replace(" ", "")))
+        except (ValueError, KeyError):
+            raise ValueError(f"expected a size like '12GB' or '500MB', got {value!r}") from None
+    raise ValueError(f"expected a size like '12GB', got {value!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierConfig(_Strict):
+    min_vram: int = 0
+    slots: int = Field(default=1, ge=0)
+
+    _v = field_validator("min_vram", mode="before")(lambda cls, v: _size(v))
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.min_vram > 0
+
+
+class ModelConfig(_Strict):
+    backend: str
+    source: str
+    tier: str
+    footprint: int = 0
+    preload: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _v = field_validator("footprint", mode="before")(lambda cls, v: _size(v))
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in BACKENDS and ":" not in v:
+            raise ValueError(f"{v!r} is not a backend; use one of {', '.join(BACKENDS)} or 'package.module:load'")
+        return v
+
+
+class RoutingConfig(_Strict):
+    fallback: dict[str, list[str]] = Field(default_factory=dict)
+    prefer_resident: bool = True
+
+
+class SchedulerConfig(_Strict):
+    address: str = "tcp://127.0.0.1:8786"
+    port: int = Field(default=8786, ge=0, le=65535)
+    dashboard_port: int = Field(default=8787, ge=0, le=65535)
+
+
+class ReconnectConfig(_Strict):
+    initial_delay: float = Field(default=1.0, gt=0)
+    max_delay: float = Field(default=30.0, gt=0)
+
+
+class WorkerConfig(_Strict):
+    tier: str = "auto"
+    nthreads: int = Field(default=1, ge=1)
+    memory_limit: Union[int, Literal["auto"]] = "auto"
+    model_budget: float = Field(default=0.8, gt=0, le=1)
+    torch_threads: int = Field(default=1, ge=1)
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> Any:
+        return v if v == "auto" else _size(v)
+
+
+class LocalWorkerConfig(_Strict):
+    name: str
+    tier: str
+    nthreads: int = Field(default=1, ge=1)
+    memory_limit: Union[int, Literal["auto"]] = "auto"
+
+    _v = field_validator("memory_limit", mode="before")(WorkerConfig._mem.__func__)
+
+
+class LocalConfig(_Strict):
+    processes: bool = True
+    workers: list[LocalWorkerConfig] = Field(default_factory=list)
+
+
+class SecurityConfig(_Strict):
+    tls: bool = False
+    ca_file: Union[str, None] = None
+    cert_file: Union[str, None] = None
+    key_file: Union[str, None] = None
+
+
+class Config(_Strict):
+    """A validated cluster configuration (see the comments in config.yaml)."""
+
+    tiers: dict[str, TierConfig]
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    #: the file this was read from (None for a dict)
+    path: Union[str, None] = None
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self.tiers)
+
+    @property
+    def cpu_tier(self) -> str:
+        return next(n for n, t in self.tiers.items() if not t.is_gpu)
+
+    def fallback_chain(self, tier: str) -> list[str]:
+        """``tier`` followed by its fallbacks, without repeats."""
+        chain = [tier]
+        for t in self.routing.fallback.get(tier, []):
+            if t not in chain:
+                chain.append(t)
+        return chain
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(self.models) or "(none)"
+            raise ConfigError(
+                f"unknown model {name!r}; models in {self.path or 'the config'}: {known}"
+            ) from None
+
+    def security_object(self):
+        """A ``distributed.security.Security`` for this config (None when TLS is off)."""
+        if not self.security.tls:
+            return None
+        from distributed.security import Security
+
+        s = self.security
+        return Security(
+            tls_ca_file=s.ca_file,
+            tls_client_cert=s.cert_file,
+            tls_client_key=s.key_file,
+            tls_scheduler_cert=s.cert_file,
+            tls_scheduler_key=s.key_file,
+            tls_worker_cert=s.cert_file,
+            tls_worker_key=s.key_file,
+            require_encryption=True,
+        )
+
+
+def _check_references(cfg: Config) -> list[str]:
+    errors = []
+    tiers = cfg.tier_names
+    known = ", ".join(tiers)
+
+    def check(path: str, name: str, extra: tuple[str, ...] = ()) -> None:
+        if name not in tiers and name not in extra:
+            allowed = ", ".join((*extra, *tiers))
+            errors.append(f"{path}: {name!r} is not a tier; known: {allowed}")
+
+    if not tiers:
+        errors.append("tiers: at least one tier is needed")
+    elif not any(not t.is_gpu for t in cfg.tiers.values()):
+        errors.append(f"tiers: one tier must have min_vram: 0 (for workers without a GPU); tiers: {known}")
+    for name, m in cfg.models.items():
+        check(f"models.{name}.tier", m.tier)
+    for tier, chain in cfg.routing.fallback.items():
+        check(f"routing.fallback.{tier}", tier)
+        for i, t in enumerate(chain):
+            check(f"routing.fallback.{tier}[{i}]", t)
+    check("worker.tier", cfg.worker.tier, extra=("auto",))
+    seen = set()
+    for i, w in enumerate(cfg.local.workers):
+        check(f"local.workers[{i}].tier", w.tier)
+        if w.name in seen:
+            errors.append(f"local.workers[{i}].name: {w.name!r} is used twice; names must be unique")
+        seen.add(w.name)
+    s = cfg.security
+    if s.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(s, key)
+            if not value:
+                errors.append(f"security.{key}: needed when security.tls is true")
+            elif not Path(value).exists():
+                errors.append(f"security.{key}: file {value!r} does not exist")
+    return errors
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(Config, e["loc"][:-1])
+            allowed = ", ".join(f for f in parent.model_fields if f != "path") if parent else "?"
+            out.append(f"{loc}: unknown key; allowed here: {allowed}")
+        elif e["type"] == "literal_error":
+            out.append(f"{loc}: {e['input']!r} is not allowed; {e['msg'].replace('Input should be', 'use')}")
+        elif e["type"] == "missing":
+            out.append(f"{loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{loc}: {msg} (got {e['input']!r})" if "got" not in msg else f"{loc}: {msg}")
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found at ``loc`` (skipping dict keys and list indices)."""
+    import typing
+
+    current: Any = model
+    skip = 0
+    for part in loc:
+        if skip:  # a dict key or list index after a container field
+            skip -= 1
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        if part not in current.model_fields:
+            return None
+        ann = current.model_fields[part].annotation
+        while typing.get_origin(ann) in (dict, list):
+            ann = typing.get_args(ann)[-1]
+            skip += 1
+        current = ann
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def find_config(path: str | os.PathLike | None = None) -> Path:
+    """The config file to use: ``path``, $AICLUSTER_CONFIG, ./config.yaml, the project's."""
+    candidates: list[tuple[str, Path]] = []
+    if path is not None:
+        candidates.append(("the path given", Path(path)))
+    elif os.environ.get(ENV_VAR):
+        candidates.append((f"${ENV_VAR}", Path(os.environ[ENV_VAR])))
+    else:
+        candidates.append(("the current directory", Path.cwd() / "config.yaml"))
+        candidates.append(("the project", Path(__file__).resolve().parent.parent / "config.yaml"))
+    for _, p in candidates:
+        if p.is_file():
+            return p
+    tried = "; ".join(f"{p} ({why})" for why, p in candidates)
+    raise ConfigError(f"no config file found; tried {tried}. Pass --config FILE or set {ENV_VAR}.")
+
+
+def load_config(source: str | os.PathLike | dict | Config | None = None) -> Config:
+    """Read and validate a config.
+
+    Parameters
+    ----------
+    source
+        A path to a YAML file, an already-parsed ``dict``, a ``Config`` (returned as is),
+        or None to search ($AICLUSTER_CONFIG, ./config.yaml, the project's config.yaml).
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, each naming the key path and the allowed values.
+    """
+    if isinstance(source, Config):
+        return source
+    where = "config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = find_config(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (tiers, models, ...)")
+        data = {**data, "path": str(path)}
+    if "path" in data and not isinstance(source, (str, os.PathLike, type(None))):
+        data = {k: v for k, v in data.items() if k != "path"}
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        lines = _format_pydantic(e)
+        raise ConfigError(f"{where}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+    errors = _check_references(cfg)
+    if errors:
+        raise ConfigError(f"{where}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return cfg

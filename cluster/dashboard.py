@@ -1,0 +1,150 @@
+"""The scheduler's views of AI work: a dashboard page, a JSON route, Prometheus metrics.
+
+* ``/individual-aicluster-models`` (Bokeh; listed under "More..." in the dashboard menu):
+  one bar per worker, split by resident model, against the worker's model budget.
+* ``/aicluster/workers.json`` (Tornado): the rows of ``cluster.status.worker_rows``.
+* ``aicluster_*`` gauges on the scheduler's ``/metrics``.
+
+``install(scheduler)`` wires the route and the collector into a running scheduler; the
+Bokeh page must be known before the scheduler builds its dashboard, which is why
+``register_page()`` is called when the scheduler preload module is imported.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+
+from tornado import web
+
+from .status import worker_rows
+
+__all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for"]
+
+PAGE = "/individual-aicluster-models"
+ROUTE = "/aicluster/workers.json"
+
+_schedulers: "weakref.WeakSet" = weakref.WeakSet()
+_collector = None
+
+
+def rows_for(scheduler) -> list[dict]:
+    tiers = _tier_order(scheduler)
+    return worker_rows({addr: ws.identity() for addr, ws in scheduler.workers.items()}, tiers)
+
+
+def _tier_order(scheduler) -> list[str]:
+    return getattr(scheduler, "aicluster_tiers", None) or ["VRAM12", "VRAM6", "CPU"]
+
+
+class WorkersJSON(web.RequestHandler):
+    def initialize(self, dask_server=None, extra=None):
+        self.server = dask_server
+
+    def get(self):
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps({"workers": rows_for(self.server)}, default=str))
+
+
+def _models_doc(scheduler, extra, doc):
+    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.palettes import Category10_10
+    from bokeh.plotting import figure
+    from distributed.dashboard.components.scheduler import BOKEH_THEME
+
+    source = ColumnDataSource(dict(worker=[], left=[], right=[], model=[], color=[], mb=[], kind=[]))
+    budget = ColumnDataSource(dict(worker=[], budget=[], label=[]))
+    fig = figure(
+        title="Resident models per worker (GB of the worker's model budget; simulated tiers hold models in RAM)",
+        y_range=[], x_axis_label="GB", sizing_mode="stretch_both", tools="",
+    )
+    fig.hbar(y="worker", left="left", right="right", height=0.6, color="color", source=source, legend_field="model")
+    fig.scatter(x="budget", y="worker", marker="dash", size=40, line_width=3, color="black", source=budget)
+    fig.add_tools(HoverTool(tooltips=[("worker", "@worker"), ("model", "@model"), ("size", "@mb{0.0} MB"), ("memory", "@kind")]))
+
+    def update():
+        data = {k: [] for k in source.data}
+        bud = {k: [] for k in budget.data}
+        labels, colors = [], {}
+        for r in rows_for(scheduler):
+            tier = (r["tier"] or "no tier") + (" simulated" if r["simulated"] else "")
+            label = f"{r['name']} [{tier}]"
+            labels.append(label)
+            left = 0.0
+            for name, m in r["models"].items():
+                gb = m["bytes"] / 1e9
+                colors.setdefault(name, Category10_10[len(colors) % 10])
+                for k, v in (("worker", label), ("left", left), ("right", left + gb), ("model", name),
+                             ("color", colors[name]), ("mb", m["bytes"] / 1e6), ("kind", r["memory_kind"].upper())):
+                    data[k].append(v)
+                left += gb
+            bud["worker"].append(label)
+            bud["budget"].append((r["budget"] or 0) / 1e9)
+            bud["label"].append("budget")
+        fig.y_range.factors = labels
+        source.data = data
+        budget.data = bud
+
+    update()
+    doc.add_periodic_callback(update, 1000)
+    doc.title = "Dask: AI models"
+    doc.add_root(fig)
+    doc.theme = BOKEH_THEME
+
+
+def register_page() -> None:
+    """Add the Bokeh page to distributed's scheduler dashboard (idempotent)."""
+    try:
+        from distributed.dashboard import scheduler as dash
+    except ImportError:  # bokeh missing: the JSON route and /metrics still work
+        return
+    dash.applications.setdefault(PAGE, _models_doc)
+
+
+def _make_collector():
+    from prometheus_client.core import GaugeMetricFamily
+
+    class Collector:
+        def collect(self):
+            workers = GaugeMetricFamily("aicluster_workers", "Workers per tier", labels=["tier", "simulated"])
+            budget = GaugeMetricFamily("aicluster_model_budget_bytes", "Bytes models may hold", labels=["worker", "tier"])
+            used = GaugeMetricFamily("aicluster_model_used_bytes", "Bytes held by resident models", labels=["worker", "tier"])
+            model = GaugeMetricFamily("aicluster_model_bytes", "Bytes of one resident model", labels=["worker", "tier", "model"])
+            hits = GaugeMetricFamily("aicluster_model_hits", "Requests served by a resident model", labels=["worker", "model"])
+            vram = GaugeMetricFamily("aicluster_vram_total_bytes", "GPU memory of a worker's device", labels=["worker", "tier"])
+            counts: dict = {}
+            for s in list(_schedulers):
+                for r in rows_for(s):
+                    tier = r["tier"] or "none"
+                    key = (tier, str(r["simulated"]).lower())
+                    counts[key] = counts.get(key, 0) + 1
+                    if r["budget"]:
+                        budget.add_metric([r["name"], tier], r["budget"])
+                        used.add_metric([r["name"], tier], r["used"])
+                    if r["vram_total"]:
+                        vram.add_metric([r["name"], tier], r["vram_total"])
+                    for name, m in r["models"].items():
+                        model.add_metric([r["name"], tier, name], m["bytes"])
+                        hits.add_metric([r["name"], name], m["hits"])
+            for key, n in counts.items():
+                workers.add_metric(list(key), n)
+            yield from (workers, budget, used, model, hits, vram)
+
+    return Collector()
+
+
+def install(scheduler, tiers=None) -> None:
+    """Add the JSON route and the Prometheus collector to a running scheduler."""
+    global _collector
+    if tiers:
+        scheduler.aicluster_tiers = list(tiers)
+    _schedulers.add(scheduler)
+    app = getattr(scheduler, "http_application", None)
+    if app is not None:
+        app.add_handlers(r".*", [(ROUTE, WorkersJSON, {"dask_server": scheduler})])
+    try:
+        import prometheus_client
+    except ImportError:
+        return
+    if _collector is None:
+        _collector = _make_collector()
+        prometheus_client.REGISTRY.register(_collector)

@@ -1,0 +1,87 @@
+"""The embedded cluster: a scheduler and the ``local:`` workers of config.yaml on one machine.
+
+Each worker is a Dask ``Nanny`` (a process of its own, like a separate PC) or, with
+``local.processes: false``, an in-process ``Worker``; both run the ``cluster.worker``
+preload with the tier forced from config, so on a machine without GPUs the tiers are
+simulated and say so.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+from distributed import Nanny, Scheduler, SpecCluster, Worker
+
+from .config import Config, load_config
+
+__all__ = ["local_cluster", "worker_spec"]
+
+
+def _config_file(cfg: Config) -> str:
+    """A path the worker processes can read the config from."""
+    if cfg.path:
+        return cfg.path
+    data = cfg.model_dump(exclude={"path"})
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="aicluster-", delete=False)
+    with f:
+        yaml.safe_dump(data, f)
+    return f.name
+
+
+def worker_spec(cfg: Config, processes: bool | None = None) -> dict:
+    """SpecCluster worker specs for the ``local.workers`` of ``cfg``."""
+    processes = cfg.local.processes if processes is None else processes
+    path = _config_file(cfg)
+    spec = {}
+    for w in cfg.local.workers:
+        options = {
+            "name": w.name,
+            "nthreads": w.nthreads,
+            "preload": ["cluster.worker"],
+            "preload_argv": ["--config", path, "--tier", w.tier],
+        }
+        if w.memory_limit != "auto":
+            options["memory_limit"] = w.memory_limit
+        if processes:
+            # llama.cpp and torch read these; two cores are shared by every worker here
+            options["env"] = {"OMP_NUM_THREADS": str(w.nthreads), "MKL_NUM_THREADS": str(w.nthreads)}
+        spec[w.name] = {"cls": Nanny if processes else Worker, "options": options}
+    return spec
+
+
+def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | None = None,
+                  processes: bool | None = None, asynchronous: bool = False, **kwargs) -> SpecCluster:
+    """Start the embedded cluster described by ``config.local``.
+
+    Parameters
+    ----------
+    config
+        A path, dict or Config (None: the usual search, see ``load_config``).
+    scheduler_port
+        0 picks a free port.
+    dashboard_port
+        None: ``scheduler.dashboard_port`` from config, falling back to a free port when it
+        is taken; 0: a free port.
+    processes
+        Override ``local.processes``.
+    """
+    cfg = load_config(config)
+    if not cfg.local.workers:
+        raise ValueError(f"{cfg.path or 'config'}: local.workers is empty; the embedded cluster needs at least one worker")
+    if dashboard_port is None:
+        dashboard_port = cfg.scheduler.dashboard_port
+    scheduler = {
+        "cls": Scheduler,
+        "options": {
+            "port": scheduler_port,
+            "dashboard_address": f":{dashboard_port}",
+            "preload": ["cluster.scheduler"],
+            "preload_argv": ["--config", _config_file(cfg)],
+            "security": cfg.security_object(),
+        },
+    }
+    return SpecCluster(
+        scheduler=scheduler, workers=worker_spec(cfg, processes), asynchronous=asynchronous,
+        security=cfg.security_object(), name="aicluster", **kwargs,
+    )

@@ -1,0 +1,336 @@
+"""ModelHost: the worker plugin that keeps models resident and reports what memory holds.
+
+A task reaches it with ``get_worker().plugins[ModelHost.name]`` and asks for a model with
+``host.acquire(name, spec)``; the first request loads it (once, however many tasks ask at
+the same time), later requests reuse it. Models are evicted least-recently-used by bytes
+when the worker's budget would be exceeded. ``worker.metrics["aicluster"]`` carries the
+tier, device and resident models in every heartbeat to ``scheduler_info()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import psutil
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .config import BACKENDS, Config, ModelConfig, load_config
+from .devices import detect
+from .tiers import TierAssignment, assign_tier, tier_of_resources
+
+__all__ = ["ModelHost", "ModelDoesNotFit", "Resident", "PLUGIN_NAME"]
+
+logger = logging.getLogger("cluster.plugin")
+
+PLUGIN_NAME = "aicluster-modelhost"
+
+
+class ModelDoesNotFit(MemoryError):
+    """A model needs more memory than this worker's whole model budget."""
+
+    def __init__(self, model: str, need: int, budget: int, where: str, how: str = "estimated"):
+        from dask.utils import format_bytes
+
+        self.model, self.need, self.budget, self.where, self.how = model, need, budget, where, how
+        super().__init__(
+            f"model {model!r} does not fit on {where}: it needs {format_bytes(need)} ({how}) but the "
+            f"worker's model budget is {format_bytes(budget)}. Route it to a larger tier "
+            f"(models.{model}.tier in config.yaml) or raise worker.model_budget."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.need, self.budget, self.where, self.how))
+
+
+def _backend_module(backend: str):
+    """The module and function name that load a backend's models.
+
+    The three built-in backends live in ``workloads.backends``; a dotted path
+    ``"package.module:function"`` names a user's own. Imported by name so that ``cluster``
+    never depends on ``workloads`` at import time.
+    """
+    path = f"workloads.backends.{backend}:load" if backend in BACKENDS else backend
+    module, _, attr = path.partition(":")
+    return importlib.import_module(module), attr or "load"
+
+
+@dataclass
+class Resident:
+    """A loaded model and its bookkeeping."""
+
+    name: str
+    model: Any
+    backend: str
+    nbytes: int
+    measured_by: str
+    load_seconds: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    hits: int = 0
+    #: backends are not thread-safe (llama.cpp contexts in particular); tasks hold this while they use it
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def info(self) -> dict:
+        return {
+            "backend": self.backend, "bytes": self.nbytes, "measured_by": self.measured_by,
+            "load_seconds": round(self.load_seconds, 3), "hits": self.hits,
+            "loaded_at": self.loaded_at, "last_used": self.last_used,
+        }
+
+
+class _Loading:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class ModelHost(WorkerPlugin):
+    """Resident models, a memory budget and metrics for one worker.
+
+    Parameters
+    ----------
+    config
+        The cluster config (pickled to the worker). None: the worker reads it itself.
+    budget
+        Bytes that models may hold. None: ``worker.model_budget`` x the GPU's memory on a
+        real GPU tier, or x the worker's memory limit otherwise.
+    preload
+        Load the models configured with ``preload: true`` for this worker's tier, in the
+        background, at setup.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, config: Config | None = None, budget: int | None = None, preload: bool = True):
+        self.config = config
+        self.budget_override = budget
+        self.preload = preload
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, worker) -> None:
+        self.worker = worker
+        self.config = load_config(self.config)
+        # The tier label the worker carries (set by the preload or by --resources) decides
+        # the device; the same derivation as the preload's, so both agree on "simulated".
+        tier = tier_of_resources(worker.state.total_resources, self.config.tiers)
+        self.assignment: TierAssignment | None = None
+        if tier is not None:
+            self.assignment = assign_tier(detect(), self.config, forced=tier, nthreads=worker.state.nthreads)
+        self.budget = self.budget_override or self._default_budget()
+        self._models: OrderedDict[str, Resident] = OrderedDict()
+        self._loading: dict[str, _Loading] = {}
+        self._lock = threading.Lock()
+        self.load_counts: dict[str, int] = {}
+        self.evictions: list[str] = []
+        self._threads_set = False
+        worker.metrics["aicluster"] = self.metrics
+        if self.preload and self.assignment is not None:
+            names = [n for n, m in self.config.models.items() if m.preload and m.tier == self.assignment.tier]
+            if names:
+                threading.Thread(target=self._preload, args=(names,), name="aicluster-preload", daemon=True).start()
+
+    def teardown(self, worker) -> None:
+        for name in list(getattr(self, "_models", {})):
+            self.unload(name)
+        worker.metrics.pop("aicluster", None)
+        self._empty_cuda_cache()
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.assignment.device if self.assignment else "cpu"
+
+    @property
+    def used(self) -> int:
+        return sum(r.nbytes for r in self._models.values())
+
+    def resident(self) -> list[str]:
+        return list(self._models)
+
+    @contextlib.contextmanager
+    def acquire(self, name: str, spec: ModelConfig | None = None) -> Iterator[Any]:
+        """Use model ``name`` exclusively for the duration of the ``with`` block."""
+        res = self.get(name, spec)
+        with res.lock:
+            res.last_used = time.time()
+            yield res.model
+
+    def get(self, name: str, spec: ModelConfig | None = None) -> Resident:
+        """The resident model ``name``, loading it first if needed (one load per model)."""
+        spec = spec or self.config.model(name)
+        while True:
+            with self._lock:
+                res = self._models.get(name)
+                if res is not None:
+                    self._models.move_to_end(name)
+                    res.hits += 1
+                    res.last_used = time.time()
+                    return res
+                pending = self._loading.get(name)
+                leader = pending is None
+                if leader:
+                    pending = self._loading[name] = _Loading()
+            if not leader:
+                pending.done.wait()
+                if pending.error is not None:
+                    raise pending.error
+                continue
+            try:
+                res = self._load(name, spec)
+            except BaseException as e:
+                pending.error = e
+                raise
+            finally:
+                with self._lock:
+                    self._loading.pop(name, None)
+                pending.done.set()
+            return res
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            res = self._models.pop(name, None)
+        if res is None:
+            return False
+        close = getattr(res.model, "close", None)
+        if callable(close):
+            close()
+        del res
+        gc.collect()
+        self._empty_cuda_cache()
+        logger.info("unloaded model %s", name)
+        return True
+
+    def metrics(self, worker=None) -> dict:
+        a = self.assignment
+        return {
+            "tier": a.tier if a else None,
+            "simulated": a.simulated if a else False,
+            "device": self.device,
+            "device_name": a.device_name if a else "cpu",
+            "vram_total": a.vram_total if a else None,
+            "vram_used": self._cuda_used(),
+            "memory_kind": "vram" if self.device.startswith("cuda") else "ram",
+            "budget": self.budget,
+            "used": self.used,
+            "models": {n: r.info() for n, r in list(self._models.items())},
+            "loading": list(self._loading),
+            "loads": dict(self.load_counts),
+        }
+
+    # -- internals -------------------------------------------------------------------------
+    def _default_budget(self) -> int:
+        frac = self.config.worker.model_budget
+        a = self.assignment
+        if a is not None and a.vram_total:
+            return int(frac * a.vram_total)
+        limit = getattr(self.worker.memory_manager, "memory_limit", None) or psutil.virtual_memory().total
+        return int(frac * limit)
+
+    def _where(self) -> str:
+        label = self.assignment.label if self.assignment else "untiered"
+        return f"worker {self.worker.name} ({label})"
+
+    def _make_room(self, need: int, name: str, keep: str | None = None, how: str = "estimated") -> None:
+        """Evict least recently used models until ``need`` more bytes fit the budget.
+
+        With ``keep`` (a model just loaded and already counted in ``used``), evict others
+        until the total fits, never ``keep`` itself.
+        """
+        if need > self.budget:
+            raise ModelDoesNotFit(name, need, self.budget, self._where(), how)
+        extra = 0 if keep is not None else need
+        while True:
+            with self._lock:
+                if self.used + extra <= self.budget:
+                    return
+                victim = next((n for n in self._models if n != keep), None)
+            if victim is None:
+                return
+            logger.info("evicting %s to make room for %s", victim, name)
+            self.evictions.append(victim)
+            self.unload(victim)
+
+    def _set_threads(self) -> None:
+        if self._threads_set:
+            return
+        self._threads_set = True
+        try:
+            import torch
+        except ImportError:
+            return
+        torch.set_num_threads(self.config.worker.torch_threads)
+
+    def _load(self, name: str, spec: ModelConfig) -> Resident:
+        self._make_room(spec.footprint, name)
+        self._set_threads()
+        module, attr = _backend_module(spec.backend)
+        load = getattr(module, attr)
+        if hasattr(module, "prepare"):
+            module.prepare()  # heavy imports happen before the memory baseline
+        rss0, cuda0 = _rss(), self._cuda_used()
+        t0 = time.perf_counter()
+        logger.info("loading model %s (%s from %s) on %s", name, spec.backend, spec.source, self.device)
+        model = load(spec, device=self.device, threads=self.config.worker.torch_threads, name=name)
+        seconds = time.perf_counter() - t0
+        if self.device.startswith("cuda"):
+            measured, how = max((self._cuda_used() or 0) - (cuda0 or 0), 0), "GPU memory delta"
+        else:
+            measured, how = max(_rss() - rss0, 0), "RSS delta"
+        own = int(getattr(model, "nbytes", 0) or 0)  # weights the backend says it holds
+        if own > measured:
+            measured, how = own, "weights size"
+        res = Resident(name=name, model=model, backend=spec.backend, nbytes=measured, measured_by=how, load_seconds=seconds)
+        with self._lock:
+            self._models[name] = res
+            self.load_counts[name] = self.load_counts.get(name, 0) + 1
+        try:
+            self._make_room(measured, name, keep=name, how=how)
+        except ModelDoesNotFit:
+            self.unload(name)
+            raise
+        logger.info("model %s resident: %.1f MB (%s), loaded in %.2f s", name, measured / 1e6, how, seconds)
+        return res
+
+    def _preload(self, names: list[str]) -> None:
+        for n in names:
+            try:
+                self.get(n)
+            except Exception:
+                logger.exception("preloading model %s failed", n)
+
+    def _cuda_used(self) -> int | None:
+        """Bytes in use on this worker's GPU (whole device, via NVML; torch as fallback)."""
+        if not self.device.startswith("cuda"):
+            return None
+        index = int(self.device.split(":")[1])
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            nvml_index = int(visible.split(",")[index]) if visible else index
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(nvml_index)).used)
+        except Exception:  # NVML missing or a UUID in CUDA_VISIBLE_DEVICES: torch's view
+            import torch
+
+            free, total = torch.cuda.mem_get_info(index)
+            return int(total - free)
+
+    def _empty_cuda_cache(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss

@@ -1,0 +1,148 @@
+"""Model/job -> Dask resources, with fallback tiers and affinity to resident models.
+
+Two layers keep a task out of Dask's ``no-worker`` state:
+
+* the client resolves a tier from the live workers before submitting, and raises
+  ``NoWorkerForTier`` at once when nothing can serve it;
+* ``TierGuard``, a scheduler plugin, catches the race where the chosen worker dies or
+  leaves before the task runs: it re-routes the task along its fallback chain, or fails
+  it with the same clear error. Dask itself would leave the task waiting forever.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+__all__ = ["NoWorkerForTier", "Route", "live_tiers", "resolve", "TierGuard", "ANNOTATION"]
+
+logger = logging.getLogger("cluster.routing")
+
+#: task annotation carrying ``{"chain": [tier, *fallbacks], "what": "..."}``
+ANNOTATION = "aicluster"
+
+
+class NoWorkerForTier(RuntimeError):
+    """No live worker carries the requested tier or any of its fallbacks."""
+
+    def __init__(self, chain: list[str], live: list[str], what: str = "this task"):
+        self.chain, self.live, self.what = list(chain), list(live), what
+        wanted = chain[0] + (f" (or fallbacks {', '.join(chain[1:])})" if len(chain) > 1 else " (no fallback configured)")
+        lives = ", ".join(live) or "none: no worker is connected"
+        super().__init__(
+            f"no live worker can run {what}: it needs tier {wanted}; live tiers: {lives}. "
+            f"Start one with `aicluster worker SCHEDULER_ADDRESS --tier {chain[0]}`, "
+            f"or add a fallback under routing.fallback.{chain[0]} in config.yaml."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.chain, self.live, self.what))
+
+
+def live_tiers(workers: dict, tiers) -> dict[str, list[str]]:
+    """``{tier: [worker addresses]}`` from ``scheduler_info()["workers"]`` (running workers only)."""
+    out: dict[str, list[str]] = {}
+    for addr, w in workers.items():
+        if w.get("status", "running") not in ("running", "Status.running"):
+            continue
+        for r, count in (w.get("resources") or {}).items():
+            if r in tiers and count > 0:
+                out.setdefault(r, []).append(addr)
+    return out
+
+
+@dataclass
+class Route:
+    """Where a call goes: the tier's resource, preferred workers, and the annotation."""
+
+    tier: str
+    chain: list[str]
+    workers: list[str] = field(default_factory=list)
+    fell_back: bool = False
+
+    def submit_kwargs(self) -> dict:
+        # Affinity is a strict ``workers=`` list, never ``allow_other_workers=True``: Dask
+        # treats loose restrictions as no restrictions at all when it steals work, so an
+        # idle worker *without* the tier's resource can take the task and its state machine
+        # dies on a KeyError (distributed 2026.8, stealing.py ``_get_thief``). If the
+        # preferred workers leave, the task falls into ``no-worker`` and the TierGuard
+        # below re-routes it to the tier (or its fallbacks) without the worker list.
+        kw: dict = {"resources": {self.tier: 1}}
+        if self.workers:
+            kw["workers"] = list(self.workers)
+        return kw
+
+    def spread(self) -> "Route":
+        """The same tier without the preferred workers (all of the tier's workers share the work)."""
+        return Route(tier=self.tier, chain=self.chain, workers=[], fell_back=self.fell_back)
+
+    def annotation(self, what: str) -> dict:
+        return {ANNOTATION: {"chain": self.chain[self.chain.index(self.tier):], "what": what}}
+
+
+def resolve(chain: list[str], live: dict[str, list[str]], what: str = "this task", prefer: list[str] = ()) -> Route:
+    """Pick the first tier of ``chain`` that has a live worker.
+
+    ``prefer`` lists worker addresses to favour (e.g. where a model is resident); only those
+    with the chosen tier are kept.
+    """
+    for tier in chain:
+        if live.get(tier):
+            workers = [w for w in prefer if w in live[tier]]
+            return Route(tier=tier, chain=list(chain), workers=workers, fell_back=tier != chain[0])
+    raise NoWorkerForTier(chain, sorted(live), what)
+
+
+class TierGuard(SchedulerPlugin):
+    """Re-route or fail tasks that fall into ``no-worker`` (see module docstring)."""
+
+    name = "aicluster-tier-guard"
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.scheduler = None
+        self.rerouted = 0
+        self.failed = 0
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish != "no-worker" or self.scheduler is None:
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None and ANNOTATION in (ts.annotations or {}):
+            # Transitions must not be started from inside a transition hook.
+            self.scheduler.loop.add_callback(self._handle, key)
+
+    def _handle(self, key) -> None:
+        s = self.scheduler
+        ts = s.tasks.get(key)
+        if ts is None or ts.state != "no-worker":
+            return
+        info = ts.annotations[ANNOTATION]
+        chain, what = list(info["chain"]), info.get("what", str(key))
+        live: dict[str, int] = {}
+        for ws in s.workers.values():
+            if ws.status.name != "running":
+                continue
+            for r, v in ws.resources.items():
+                if r in chain and v > 0:
+                    live[r] = live.get(r, 0) + 1
+        stimulus_id = f"aicluster-tier-guard-{key}"
+        for tier in chain:
+            if live.get(tier):
+                logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
+                ts.resource_restrictions = {tier: 1}
+                ts.worker_restrictions = None
+                s.transitions({key: "processing"}, stimulus_id)
+                self.rerouted += 1
+                return
+        all_live = sorted({r for ws in s.workers.values() for r in ws.resources})
+        exc = NoWorkerForTier(chain, all_live, what)
+        logger.warning("failing %s: %s", key, exc)
+        recs = s.transition(key, "erred", stimulus_id, exception=pickle.dumps(exc), cause=key)
+        s.transitions(recs, stimulus_id)
+        self.failed += 1

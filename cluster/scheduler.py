@@ -1,0 +1,30 @@
+"""Scheduler preload: ``dask scheduler --preload cluster.scheduler``.
+
+Adds the TierGuard plugin (tasks never wait in ``no-worker``), the "AI models" dashboard
+page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus metrics.
+"""
+from __future__ import annotations
+
+import click
+
+from . import dashboard
+from .config import load_config
+from .routing import TierGuard
+
+# The dashboard's pages are read while the Scheduler is constructed, before preloads run;
+# a preload module is imported earlier than that, so the page is registered here.
+dashboard.register_page()
+
+
+async def setup_scheduler(scheduler, config=None) -> None:
+    cfg = load_config(config)
+    if TierGuard.name not in scheduler.plugins:
+        scheduler.add_plugin(TierGuard())
+    dashboard.install(scheduler, tiers=cfg.tier_names)
+
+
+@click.command()
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="config.yaml to read (default: $AICLUSTER_CONFIG, ./config.yaml, the project's).")
+async def dask_setup(scheduler, config_path):
+    await setup_scheduler(scheduler, config_path)

@@ -1,0 +1,92 @@
+"""One view of the cluster's workers, shared by status(), the CLI, the dashboard and /metrics.
+
+Everything here reads the worker identities the scheduler already has
+(``scheduler_info()["workers"]`` on a client, ``ws.identity()`` on the scheduler): the
+tier the worker preload published and the models the ModelHost plugin reports in each
+heartbeat.
+"""
+from __future__ import annotations
+
+from dask.utils import format_bytes
+
+__all__ = ["worker_rows", "format_table", "format_models"]
+
+
+def worker_rows(workers: dict, tiers=()) -> list[dict]:
+    """One dict per worker, sorted by tier order (``tiers``) then name."""
+    rows = []
+    order = {t: i for i, t in enumerate(tiers)}
+    for addr, w in workers.items():
+        metrics = w.get("metrics") or {}
+        tier_info = metrics.get("aicluster-tier") or {}
+        host = metrics.get("aicluster") or {}
+        resources = w.get("resources") or {}
+        tier = tier_info.get("tier") or host.get("tier") or next((r for r in resources if r in order), None)
+        counts = metrics.get("task_counts") or {}
+        rows.append({
+            "name": str(w.get("name", addr)),
+            "address": addr,
+            "tier": tier,
+            "simulated": bool(tier_info.get("simulated", host.get("simulated", False))),
+            "device": tier_info.get("device") or host.get("device") or "cpu",
+            "device_name": tier_info.get("device_name") or host.get("device_name") or "",
+            "vram_total": tier_info.get("vram_total") or host.get("vram_total"),
+            "vram_used": host.get("vram_used"),
+            "memory_limit": w.get("memory_limit"),
+            "nthreads": w.get("nthreads"),
+            "resources": dict(resources),
+            "running": int(counts.get("executing", 0)),
+            "memory_kind": host.get("memory_kind", "ram"),
+            "budget": host.get("budget"),
+            "used": host.get("used", 0),
+            "models": host.get("models", {}),
+            "loading": host.get("loading", []),
+            "tiered": tier is not None,
+            "reason": tier_info.get("reason", ""),
+        })
+    rows.sort(key=lambda r: (order.get(r["tier"], len(order)), r["name"]))
+    return rows
+
+
+def _b(n) -> str:
+    return "-" if n is None else format_bytes(n)
+
+
+def format_table(rows: list[dict], models: bool = True) -> str:
+    """A plain-text table of workers (and, below it, their resident models)."""
+    head = ["worker", "tier", "hardware", "device", "VRAM", "RAM limit", "models / budget", "running"]
+    body = []
+    for r in rows:
+        tier = r["tier"] or "(no tier)"
+        hw = "simulated" if r["simulated"] else ("real" if r["tiered"] else "-")
+        body.append([
+            r["name"], tier, hw, f"{r['device']} {r['device_name']}" if r["device"] != "cpu" else r["device_name"] or "cpu",
+            _b(r["vram_total"]), _b(r["memory_limit"]),
+            f"{_b(r['used'])} / {_b(r['budget'])} {r['memory_kind'].upper()}" if r["budget"] else "-",
+            str(r["running"]),
+        ])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    if not body:
+        out.append("(no workers connected)")
+    if any(r["simulated"] for r in rows):
+        out.append("simulated: the tier is forced or injected on a machine without such a GPU; work runs on the CPU.")
+    if models:
+        text = format_models(rows)
+        if text:
+            out += ["", text]
+    return "\n".join(out)
+
+
+def format_models(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        for name, m in r["models"].items():
+            lines.append(
+                f"  {r['name']:<16} {name:<14} {format_bytes(m['bytes']):>10} ({m['measured_by']}), "
+                f"loaded in {m['load_seconds']:.2f} s, {m['hits']} hits"
+            )
+        for name in r["loading"]:
+            lines.append(f"  {r['name']:<16} {name:<14} loading...")
+    return "resident models:\n" + "\n".join(lines) if lines else ""

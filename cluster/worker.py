@@ -1,0 +1,59 @@
+"""Worker preload: ``dask worker tcp://HOST:8786 --preload cluster.worker [--tier VRAM12]``.
+
+Before the worker registers with the scheduler it reads config.yaml, detects the hardware,
+gives the worker its tier resource (``VRAM12=1``, ``CPU=<slots>``) and a clear name
+(``<host>-<tier>``), publishes the tier as the ``aicluster-tier`` metric, and registers the
+ModelHost plugin with the scheduler so that every worker, late joiners too, gets one.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+import click
+
+from .config import load_config
+from .devices import detect
+from .tiers import assign_tier, tier_of_resources
+
+logger = logging.getLogger("cluster.worker")
+
+TIER_METRIC = "aicluster-tier"
+
+
+async def setup_worker(worker, config=None, tier: str | None = None, register_host: bool = True):
+    """Tag ``worker`` with its tier (see module docstring); returns the TierAssignment."""
+    cfg = load_config(config)
+    state = worker.state
+    given = tier_of_resources(state.total_resources, cfg.tiers)
+    forced = tier or given or cfg.worker.tier
+    if given and tier and given != tier:
+        raise click.UsageError(f"--tier {tier} conflicts with --resources {given}=...; give one of them")
+    assignment = assign_tier(detect(), cfg, forced=forced, nthreads=state.nthreads)
+    if not given:
+        for r, v in assignment.resources.items():
+            state.total_resources[r] = v
+            state.available_resources[r] = v
+    if worker.name in (None, worker.address, worker.address_safe):
+        worker.name = f"{socket.gethostname()}-{assignment.tier}-{worker.port}"
+    info = {**assignment.to_dict(), "resources": dict(state.total_resources), "config": cfg.path}
+    worker.metrics[TIER_METRIC] = lambda w: info
+    logger.info("aicluster tier: %s on %s; %s", assignment.label, assignment.device_name, assignment.reason)
+    if register_host:
+        from distributed.protocol import pickle
+
+        from .plugin import PLUGIN_NAME, ModelHost
+
+        await worker.scheduler.register_worker_plugin(
+            plugin=pickle.dumps(ModelHost(cfg)), name=PLUGIN_NAME, idempotent=True
+        )
+    return assignment
+
+
+@click.command()
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="config.yaml to read (default: $AICLUSTER_CONFIG, ./config.yaml, the project's).")
+@click.option("--tier", default=None, help="Force a tier, e.g. VRAM12 (default: worker.tier in config; 'auto' detects).")
+@click.option("--no-model-host", is_flag=True, default=False, help="Do not register the ModelHost plugin.")
+async def dask_setup(worker, config_path, tier, no_model_host):
+    await setup_worker(worker, config=config_path, tier=tier, register_host=not no_model_host)

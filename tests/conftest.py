@@ -1,0 +1,50 @@
+"""Shared fixtures. Everything here is real: Dask schedulers and workers, models from
+installed packages. The one thing replaced is the GPU inventory (``cluster.devices``),
+through ``AICLUSTER_FAKE_GPUS`` or a hand-made ``Inventory``; this machine has no GPU.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tinymodels.py for worker processes
+
+
+def base_config() -> dict:
+    """The project's config.yaml as a dict (a fresh copy each time)."""
+    return copy.deepcopy(yaml.safe_load((ROOT / "config.yaml").read_text()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ai():
+    """The embedded cluster of config.yaml (pc1 VRAM12, pc2 VRAM6, cpu CPU; one process each)."""
+    from cluster import connect
+
+    ai = connect(dashboard_port=0, timeout=120)
+    yield ai
+    ai.close()
+
+
+@pytest.fixture
+def env_with_tests():
+    """Environment for subprocesses: offline, tests/ importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
+    return env

@@ -1,0 +1,133 @@
+"""Text generation through llama-cpp-python (default: Gemma 3 270M, GGUF Q4_K_M, from a package).
+
+All layers go to the GPU on CUDA tiers, none on CPU tiers; the CPU thread count comes from
+``options.n_threads`` (default: the worker's torch_threads).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import ContextTooLong
+from ._source import resolve_source
+
+
+class LlamaModel:
+    kind = "generate"
+
+    def __init__(self, llm, path: Path, name: str):
+        self.llm, self.path, self.name = llm, path, name
+        self.n_ctx = llm.n_ctx()
+        # the weights are mmap'd from this file (on a GPU tier they are copied to VRAM)
+        self.nbytes = path.stat().st_size
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def check_fits(self, prompt: str, max_tokens: int, index: int | None = None) -> int:
+        n = self.count_tokens(prompt)
+        if n + max_tokens > self.n_ctx:
+            raise ContextTooLong(self.name, n, max_tokens, self.n_ctx, index)
+        return n
+
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        on_token: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict:
+        """Generate from ``prompt``; ``temperature=0`` is greedy (deterministic).
+
+        ``on_token`` receives text pieces as they come; ``should_stop`` is polled between
+        tokens, so a cancelled job stops within a token or two.
+        """
+        prompt_ids = self.tokenize(prompt)
+        if len(prompt_ids) + max_tokens > self.n_ctx:
+            raise ContextTooLong(self.name, len(prompt_ids), max_tokens, self.n_ctx)
+        import llama_cpp
+
+        self.llm.reset()
+        if seed is not None:
+            self.llm.set_seed(seed)
+        sampler = dict(temp=temperature, top_p=top_p, top_k=40 if temperature > 0 else 1, min_p=0.0, repeat_penalty=1.0)
+        stop = [s for s in (stop or []) if s]
+        eos = self.llm.token_eos()
+        out_ids: list[int] = []
+        text_bytes = b""
+        emitted = 0
+        finish = "length"
+        t0 = time.perf_counter()
+        first = None
+        for tok in self.llm.generate(prompt_ids, reset=True, **sampler):
+            if tok == eos or llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok):
+                finish = "stop"
+                break
+            if first is None:
+                first = time.perf_counter()
+            out_ids.append(tok)
+            text_bytes += self.llm.detokenize([tok], prev_tokens=prompt_ids + out_ids[:-1])
+            text = text_bytes.decode("utf-8", errors="ignore")
+            hit = next((s for s in stop if s in text), None)
+            if hit is not None:
+                text_bytes = text[: text.index(hit)].encode("utf-8")
+                finish = "stop"
+                break
+            if on_token is not None:
+                # hold back what could be the start of a stop string
+                hold = max((len(s) - 1 for s in stop), default=0)
+                safe = len(text) - hold
+                if safe > emitted:
+                    on_token(text[emitted:safe])
+                    emitted = safe
+            if len(out_ids) >= max_tokens:
+                break
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+                break
+        t1 = time.perf_counter()
+        text = text_bytes.decode("utf-8", errors="replace")
+        if on_token is not None and len(text) > emitted:
+            on_token(text[emitted:])
+        return {
+            "text": text,
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(out_ids),
+            "finish_reason": finish,
+            "time_to_first_token": (first - t0) if first else None,
+            "generate_seconds": t1 - t0,
+        }
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def prepare() -> None:
+    """Import the library before the host measures memory, so the import is not counted."""
+    import llama_cpp  # noqa: F401
+
+
+def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
+    from llama_cpp import Llama
+
+    path = resolve_source(spec.source)
+    opts = dict(spec.options)
+    n_ctx = int(opts.pop("n_ctx", 2048))
+    n_threads = int(opts.pop("n_threads", threads))
+    gpu = device.startswith("cuda")
+    llm = Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+        n_gpu_layers=-1 if gpu else 0, main_gpu=int(device.split(":")[1]) if gpu else 0,
+        verbose=False, **opts,
+    )
+    return LlamaModel(llm, Path(path), name)

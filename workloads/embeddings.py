@@ -1,0 +1,30 @@
+"""Embedding tasks: a batch of texts on one worker, and the concatenation in input order."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._host import host_and_worker, where
+from .backends import WrongModelKind
+
+
+def embed_task(texts: list[str], model: str, spec, params: dict, offset: int = 0) -> dict:
+    host, worker = host_and_worker()
+    t0 = time.perf_counter()
+    with host.acquire(model, spec) as m:
+        if getattr(m, "kind", "embed") != "embed":
+            raise WrongModelKind(f"model {model!r} generates text; it cannot embed")
+        vectors = m.encode(texts, offset=offset, **params)
+    return {"offset": offset, "embeddings": vectors, "n": len(texts), "seconds": time.perf_counter() - t0, **where(host, worker)}
+
+
+def concat_task(parts: list[dict], single: bool = False, details: bool = False):
+    parts = sorted(parts, key=lambda p: p["offset"])
+    arr = np.concatenate([p["embeddings"] for p in parts], axis=0)
+    if single:
+        arr = arr[0]
+    if not details:
+        return arr
+    batches = [{k: v for k, v in p.items() if k != "embeddings"} for p in parts]
+    return {"embeddings": arr, "batches": batches}

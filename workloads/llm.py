@@ -1,0 +1,31 @@
+"""Text generation tasks: run on a worker, with the model the worker keeps resident."""
+from __future__ import annotations
+
+import time
+
+from ._host import host_and_worker, where
+from .backends import WrongModelKind
+
+
+def generate_task(prompt: str, model: str, spec, params: dict, index: int | None = None,
+                  topic: str | None = None) -> dict:
+    """Generate for one prompt; ``topic`` streams text pieces as worker events."""
+    host, worker = host_and_worker()
+    t0 = time.perf_counter()
+    loads_before = host.load_counts.get(model, 0)
+    with host.acquire(model, spec) as m:
+        acquired = time.perf_counter()
+        if getattr(m, "kind", "generate") != "generate":
+            raise WrongModelKind(f"model {model!r} is an embedding model; it cannot generate text")
+        if index is not None:
+            m.check_fits(prompt, params["max_tokens"], index)
+        on_token = (lambda piece: worker.log_event(topic, piece)) if topic else None
+        out = m.generate(prompt, on_token=on_token, **params)
+    if topic:
+        worker.log_event(topic, None)  # end of stream
+    out.update(where(host, worker))
+    out.update(model=model, loaded_now=host.load_counts.get(model, 0) > loads_before,
+               wait_seconds=acquired - t0, total_seconds=time.perf_counter() - t0)
+    secs = out["generate_seconds"]
+    out["tokens_per_second"] = out["completion_tokens"] / secs if secs > 0 else None
+    return out
