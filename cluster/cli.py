@@ -274,10 +274,13 @@ def demo(config_path, dashboard_port):
     importlib.import_module("workloads.demo").run_demo(cfg, dashboard_port=dashboard_port)
 
 
-from .cli_batch import embed_cmd, generate_cmd  # noqa: E402  (commands that use models)
+from .cli_batch import cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd  # noqa: E402
 
 main.add_command(embed_cmd)
 main.add_command(generate_cmd)
+main.add_command(pipeline_cmd)
+main.add_command(jobs_cmd)
+main.add_command(cancel_cmd)
 
 if __name__ == "__main__":
     main()

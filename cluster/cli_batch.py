@@ -57,8 +57,8 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, c
     with _connect(address, config_path) as ai:
         try:
             spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
-            parts = [ai._submit_routed(route, f"model {model!r}", _task("embed"), lines[i:i + chunk_size], model, spec,
-                                       dict(batch_size=batch_size, normalize=normalize, truncate=False), offset=i)
+            parts = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size], model, spec,
+                                       dict(batch_size=batch_size, normalize=normalize, truncate=False), offset=i, kind="embed")
                      for i in range(0, len(lines), chunk_size)]
             done = []
             with tqdm(total=len(lines), desc="embedding", unit="text") as bar:
@@ -169,3 +169,111 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
     click.echo(f"wrote {len(todo) - failed} answers to {output}" + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
     if failed:
         raise SystemExit(1)
+
+
+@click.command("pipeline")
+@click.argument("spec")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+              help="Override a param of the pipeline (repeatable; VALUE is read as YAML, so 3 is a number).")
+@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--json", "as_json", is_flag=True, help="Print every stage's output and placement as JSON.")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def pipeline_cmd(spec, sets, address, as_json, config_path):
+    """Run a pipeline: a YAML file, or the name of a shipped one (rag).
+
+    Prints which worker ran each stage, when, and the final output.
+
+    \b
+    Examples:
+      aicluster pipeline rag --set question="Which file format does llama.cpp use?"
+      aicluster pipeline my_pipeline.yaml --address tcp://192.168.1.10:8786 --json
+    """
+    import importlib
+
+    import yaml
+
+    pipeline = importlib.import_module("workloads.pipeline")
+    params = {}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--set")
+        params[name] = yaml.safe_load(value) if value else ""
+    try:
+        spec_dict = pipeline.load_spec(spec)
+        from .config import load_config
+
+        pipeline.compile_pipeline(spec_dict, load_config(config_path), params)  # fail before starting anything
+    except (FileNotFoundError, pipeline.PipelineError) as e:
+        raise click.ClickException(str(e)) from None
+    with _connect(address, config_path) as ai:
+        try:
+            result = ai.run_pipeline(spec_dict, **params)
+        except (pipeline.PipelineError, pipeline.StageFailed) as e:
+            raise click.ClickException(str(e)) from None
+    if as_json:
+        def plain(v):
+            if hasattr(v, "tolist"):
+                return v.tolist()
+            return v
+        click.echo(json.dumps({"pipeline": result.name, "output_stage": result.output_stage, "stages": {
+            k: {**{f: r[f] for f in ("worker", "tier", "simulated", "start", "end")}, "output": plain(r["output"])}
+            for k, r in result.stages.items()}}, indent=2, default=str))
+        return
+    click.echo(str(result))
+    out = result.output
+    click.echo(f"\n{result.output_stage}: " + (out["text"].strip() if isinstance(out, dict) and "text" in out else str(out)))
+
+
+@click.command("jobs")
+@click.argument("address", required=False)
+@click.option("--state", type=click.Choice(["pending", "running", "done", "failed", "cancelled"]), multiple=True,
+              help="Only jobs in this state (repeatable).")
+@click.option("--limit", type=int, default=50, show_default=True, help="The most recent N jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def jobs_cmd(address, state, limit, as_json, config_path):
+    """List the jobs of the cluster at ADDRESS: what, tier, state, worker, time.
+
+    \b
+    Examples:
+      aicluster jobs tcp://192.168.1.10:8786
+      aicluster jobs tcp://192.168.1.10:8786 --state running --state pending
+    """
+    from distributed import Client
+
+    from .config import load_config
+    from .jobs import format_jobs, job_rows
+
+    cfg = load_config(config_path)
+    address = address or cfg.scheduler.address
+    try:
+        client = Client(address, timeout=10, security=cfg.security_object())
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
+    with client:
+        rows = client.run_on_scheduler(job_rows, states=list(state) or None, limit=limit)
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_jobs(rows))
+
+
+@click.command("cancel")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--address", default=None, help="Scheduler address (default: scheduler.address in config).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def cancel_cmd(keys, address, config_path):
+    """Cancel jobs by key (see `aicluster jobs`); a running generation stops within a few tokens.
+
+    \b
+    Example:
+      aicluster cancel generate-gemma-270m-1a2b3c4d5e6f --address tcp://192.168.1.10:8786
+    """
+    from .config import load_config
+
+    cfg = load_config(config_path)
+    with _connect(address or cfg.scheduler.address, config_path) as ai:
+        known = {r["key"] for r in ai.jobs()}
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise click.ClickException(f"no such job(s): {', '.join(missing)}; see `aicluster jobs`")
+        ai.cancel(list(keys))
+    click.echo(f"cancelled {len(keys)} job(s)")

@@ -18,10 +18,11 @@ from distributed import Client, Future
 
 from . import routing
 from .config import Config, ConfigError, load_config
+from .jobs import JobBoard, format_jobs, job_rows
 from .plugin import PLUGIN_NAME, ModelHost
 from .status import format_table, worker_rows
 
-__all__ = ["AICluster", "connect", "ClusterStatus", "GenerationStream"]
+__all__ = ["AICluster", "connect", "ClusterStatus", "GenerationStream", "JobList"]
 
 logger = logging.getLogger("cluster.client")
 
@@ -108,6 +109,7 @@ class AICluster:
         self.config = config
         self.cluster = cluster
         client.register_plugin(routing.TierGuard())
+        client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -135,9 +137,14 @@ class AICluster:
         self._check_tier(tier)
         return routing.resolve(self.config.fallback_chain(tier), self.live_tiers(), what, prefer)
 
-    def _submit_routed(self, route: routing.Route, what: str, fn, *args, **kwargs) -> Future:
-        with dask.annotate(**route.annotation(what)):
+    def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", **kwargs) -> Future:
+        with dask.annotate(**route.annotation(what, kind)):
             return self.client.submit(fn, *args, **route.submit_kwargs(), **kwargs)
+
+    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", **kwargs) -> Future:
+        # on the job board too (an empty chain: no tier, nothing for the TierGuard to do)
+        with dask.annotate(**{routing.ANNOTATION: {"chain": [], "what": what, "kind": kind}}):
+            return self.client.submit(fn, *args, **kwargs)
 
     # -- generic work ------------------------------------------------------------------------
     def submit(self, fn: Callable, *args, tier: str | None = None, key: str | None = None,
@@ -148,17 +155,18 @@ class AICluster:
         go to ``fn``.
         """
         opts = dict(key=key, pure=pure, retries=retries, priority=priority)
-        if tier is None:
-            return self.client.submit(fn, *args, **opts, **kwargs)
         what = f"{funcname(fn)}"
+        if tier is None:
+            return self._submit_anywhere(what, fn, *args, **opts, **kwargs)
         return self._submit_routed(self.route(tier, what), what, fn, *args, **opts, **kwargs)
 
     def map(self, fn: Callable, *iterables: Iterable, tier: str | None = None, pure: bool = False,
             retries: int | None = None, **kwargs) -> list[Future]:
         """``Client.map`` routed to a tier (with fallback)."""
-        if tier is None:
-            return self.client.map(fn, *iterables, pure=pure, retries=retries, **kwargs)
         what = f"{funcname(fn)}"
+        if tier is None:
+            with dask.annotate(**{routing.ANNOTATION: {"chain": [], "what": what, "kind": "task"}}):
+                return self.client.map(fn, *iterables, pure=pure, retries=retries, **kwargs)
         route = self.route(tier, what)
         with dask.annotate(**route.annotation(what)):
             return self.client.map(fn, *iterables, pure=pure, retries=retries, **route.submit_kwargs(), **kwargs)
@@ -225,12 +233,12 @@ class AICluster:
         if stream:
             topic = f"aicluster-stream-{uuid.uuid4().hex}"
             s = GenerationStream(self.client, topic)
-            s.future = self._submit_routed(route, f"model {model!r}", fn, prompts[0], model, spec, params,
-                                           index=None, topic=topic, key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            s.future = self._submit_routed(route, f"generate with {model}", fn, prompts[0], model, spec, params,
+                                           index=None, topic=topic, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
             return s
         futures = [
-            self._submit_routed(route, f"model {model!r}", fn, p, model, spec, params, index=None if single else i,
-                                key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            self._submit_routed(route, f"generate with {model}", fn, p, model, spec, params, index=None if single else i,
+                                kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
             for i, p in enumerate(prompts)
         ]
         return futures[0] if single else futures
@@ -274,12 +282,12 @@ class AICluster:
             # (each loads the model once); a small job stays where the model lives
             route = route.spread()
         fn = _task("embed")
-        what = f"model {model!r}"
+        what = f"embed with {model}"
         params = dict(batch_size=batch_size, normalize=normalize, truncate=truncate)
         token = uuid.uuid4().hex[:12]
         parts = [
             self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
-                                key=f"embed-{model}-{token}-{i}")
+                                kind="embed", key=f"embed-{model}-{token}-{i}")
             for i in range(0, len(items), chunk_size)
         ]
         return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}")
@@ -291,6 +299,62 @@ class AICluster:
     def unload(self, model: str) -> dict[str, bool]:
         """Unload ``model`` from every worker; ``{worker: was_resident}``."""
         return self.client.run(_unload_on_worker, model)
+
+    # -- pipelines and patterns (workloads/pipeline.py, workloads/patterns.py) ---------------
+    def pipeline(self, spec, **params):
+        """Check and submit a pipeline (a dict, a YAML path, or a shipped name like ``"rag"``);
+        returns a ``PipelineRun`` whose ``result()`` is a ``PipelineResult`` (outputs by stage,
+        with worker, tier and time span per stage). ``params`` override the spec's params."""
+        return importlib.import_module("workloads.pipeline").submit_pipeline(self, spec, params)
+
+    def run_pipeline(self, spec, **params):
+        """Blocking ``pipeline``: the ``PipelineResult``."""
+        return self.pipeline(spec, **params).result()
+
+    def fan_out(self, value, branches, aggregate: str = "all", **kwargs):
+        """One input through several branches at once; ``aggregate`` is first, all, majority,
+        weighted_average (``weights=``) or ensemble (``combine=``). See workloads/patterns.py."""
+        return importlib.import_module("workloads.patterns").fan_out(self, value, branches, aggregate, **kwargs)
+
+    def batch(self, branch, items, in_flight: int = 8, progress: bool = True, errors: str = "raise") -> list:
+        """``branch`` over many ``items`` with at most ``in_flight`` at once and a progress bar."""
+        return importlib.import_module("workloads.patterns").batch(self, branch, items, in_flight, progress, errors)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def jobs(self, state: str | Sequence[str] | None = None, limit: int | None = None) -> "JobList":
+        """Jobs submitted through any client of this cluster, oldest first.
+
+        ``state``: one of pending, running, done, failed, cancelled (or a list of them).
+        Each row has key, what, kind, tier, state, worker, submitted/started/finished times
+        and the error of a failed job.
+        """
+        states = [state] if isinstance(state, str) else list(state) if state else None
+        from .jobs import STATES
+
+        for st in states or ():
+            if st not in STATES:
+                raise ValueError(f"state {st!r} is not one of {', '.join(STATES)}")
+        return JobList(self.client.run_on_scheduler(job_rows, states=states, limit=limit))
+
+    def job(self, key: str | Future) -> dict:
+        """One job's row (see ``jobs``)."""
+        key = key.key if isinstance(key, Future) else key
+        for row in self.client.run_on_scheduler(job_rows):
+            if row["key"] == str(key):
+                return row
+        if key in self.client.futures:  # submitted by this client, not yet on the scheduler
+            return {"key": str(key), "what": str(key), "kind": "task", "tier": None, "state": "pending",
+                    "worker": None, "address": None, "submitted": None, "started": None, "finished": None, "error": None}
+        raise KeyError(f"no job {key!r} on the job board (it keeps the last 2000 jobs)")
+
+    def cancel(self, job: str | Future | Sequence[str | Future]) -> None:
+        """Cancel jobs (futures or keys, from any client). A running generation stops within
+        a token or two; other running tasks finish but their results are dropped."""
+        items = list(job) if isinstance(job, (list, tuple)) else [job]
+        keys = [j.key if isinstance(j, Future) else j for j in items]
+        futures = [j if isinstance(j, Future) else Future(j, self.client) for j in items]
+        self.client.run(_cancel_on_worker, keys)  # first the flag, so the loop sees it at once
+        self.client.cancel(futures, force=True)
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> ClusterStatus:
@@ -311,6 +375,31 @@ class AICluster:
     def __repr__(self) -> str:
         tiers = {t: len(a) for t, a in self.live_tiers().items()}
         return f"<AICluster {self.scheduler_address} tiers={tiers} dashboard={self.dashboard_link}>"
+
+
+class JobList(list):
+    """Job rows (dicts) that print as a table and render in notebooks."""
+
+    def __str__(self) -> str:
+        return format_jobs(self)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return "<pre>" + html.escape(format_jobs(self)) + "</pre>"
+
+    def by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self:
+            out[r["state"]] = out.get(r["state"], 0) + 1
+        return out
+
+
+def _cancel_on_worker(keys: list, dask_worker=None) -> None:
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    if host is not None:
+        for k in keys:
+            host.cancel(k)
 
 
 def _unload_on_worker(model: str, dask_worker=None) -> bool:

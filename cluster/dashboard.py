@@ -3,6 +3,7 @@
 * ``/individual-aicluster-models`` (Bokeh; listed under "More..." in the dashboard menu):
   one bar per worker, split by resident model, against the worker's model budget.
 * ``/aicluster/workers.json`` (Tornado): the rows of ``cluster.status.worker_rows``.
+* ``/aicluster/jobs.json`` (``?state=running``): the job board (``cluster.jobs``).
 * ``aicluster_*`` gauges on the scheduler's ``/metrics``.
 
 ``install(scheduler)`` wires the route and the collector into a running scheduler; the
@@ -22,6 +23,7 @@ __all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for"]
 
 PAGE = "/individual-aicluster-models"
 ROUTE = "/aicluster/workers.json"
+JOBS_ROUTE = "/aicluster/jobs.json"
 
 _schedulers: "weakref.WeakSet" = weakref.WeakSet()
 _collector = None
@@ -43,6 +45,18 @@ class WorkersJSON(web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps({"workers": rows_for(self.server)}, default=str))
+
+
+class JobsJSON(web.RequestHandler):
+    def initialize(self, dask_server=None, extra=None):
+        self.server = dask_server
+
+    def get(self):
+        from .jobs import job_rows
+
+        state = self.get_arguments("state") or None
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps({"jobs": job_rows(self.server, states=state)}, default=str))
 
 
 def _models_doc(scheduler, extra, doc):
@@ -140,7 +154,8 @@ def install(scheduler, tiers=None) -> None:
     _schedulers.add(scheduler)
     app = getattr(scheduler, "http_application", None)
     if app is not None:
-        app.add_handlers(r".*", [(ROUTE, WorkersJSON, {"dask_server": scheduler})])
+        app.add_handlers(r".*", [(ROUTE, WorkersJSON, {"dask_server": scheduler}),
+                                 (JOBS_ROUTE, JobsJSON, {"dask_server": scheduler})])
     try:
         import prometheus_client
     except ImportError:

@@ -131,6 +131,7 @@ class ModelHost(WorkerPlugin):
         self._lock = threading.Lock()
         self.load_counts: dict[str, int] = {}
         self.evictions: list[str] = []
+        self._cancelled: dict[str, float] = {}
         self._threads_set = False
         worker.metrics["aicluster"] = self.metrics
         if self.preload and self.assignment is not None:
@@ -194,6 +195,17 @@ class ModelHost(WorkerPlugin):
                     self._loading.pop(name, None)
                 pending.done.set()
             return res
+
+    def cancel(self, key: str) -> None:
+        """Flag task ``key`` as cancelled; its generation loop stops at the next token."""
+        now = time.time()
+        with self._lock:
+            self._cancelled[str(key)] = now
+            for k in [k for k, t in self._cancelled.items() if now - t > 3600]:
+                del self._cancelled[k]  # flags of tasks long gone
+
+    def is_cancelled(self, key) -> bool:
+        return str(key) in self._cancelled
 
     def unload(self, name: str) -> bool:
         with self._lock:

@@ -78,8 +78,8 @@ class Route:
         """The same tier without the preferred workers (all of the tier's workers share the work)."""
         return Route(tier=self.tier, chain=self.chain, workers=[], fell_back=self.fell_back)
 
-    def annotation(self, what: str) -> dict:
-        return {ANNOTATION: {"chain": self.chain[self.chain.index(self.tier):], "what": what}}
+    def annotation(self, what: str, kind: str = "task") -> dict:
+        return {ANNOTATION: {"chain": self.chain[self.chain.index(self.tier):], "what": what, "kind": kind}}
 
 
 def resolve(chain: list[str], live: dict[str, list[str]], what: str = "this task", prefer: list[str] = ()) -> Route:
@@ -113,7 +113,7 @@ class TierGuard(SchedulerPlugin):
         if finish != "no-worker" or self.scheduler is None:
             return
         ts = self.scheduler.tasks.get(key)
-        if ts is not None and ANNOTATION in (ts.annotations or {}):
+        if ts is not None and (ts.annotations or {}).get(ANNOTATION, {}).get("chain"):
             # Transitions must not be started from inside a transition hook.
             self.scheduler.loop.add_callback(self._handle, key)
 

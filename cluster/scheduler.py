@@ -1,6 +1,7 @@
 """Scheduler preload: ``dask scheduler --preload cluster.scheduler``.
 
-Adds the TierGuard plugin (tasks never wait in ``no-worker``), the "AI models" dashboard
+Adds the TierGuard plugin (tasks never wait in ``no-worker``), the JobBoard (job list),
+the "AI models" dashboard
 page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus metrics.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import click
 
 from . import dashboard
 from .config import load_config
+from .jobs import JobBoard
 from .routing import TierGuard
 
 # The dashboard's pages are read while the Scheduler is constructed, before preloads run;
@@ -20,6 +22,8 @@ async def setup_scheduler(scheduler, config=None) -> None:
     cfg = load_config(config)
     if TierGuard.name not in scheduler.plugins:
         scheduler.add_plugin(TierGuard())
+    if JobBoard.name not in scheduler.plugins:
+        scheduler.add_plugin(JobBoard())
     dashboard.install(scheduler, tiers=cfg.tier_names)
 
 

@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_quickstart.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:2] == ["01_quickstart.ipynb", "02_pipelines.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -30,5 +30,9 @@ def test_notebook_runs(path):
                          if o.output_type == "stream")
         assert "loaded the model again: False" in text
         assert "gemma-270m" in text and "minilm" in text and "simulated" in text
-        images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-        assert images, "the memory plot was not drawn"
+    if path.name == "02_pipelines.ipynb":
+        text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                         if o.output_type == "stream")
+        assert "pipeline 'rag'" in text and "refers to 'vectorz'" in text and "cancelled" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "the plot was not drawn"

@@ -20,7 +20,12 @@ def generate_task(prompt: str, model: str, spec, params: dict, index: int | None
         if index is not None:
             m.check_fits(prompt, params["max_tokens"], index)
         on_token = (lambda piece: worker.log_event(topic, piece)) if topic else None
-        out = m.generate(prompt, on_token=on_token, **params)
+        key = worker.get_current_task()
+        out = m.generate(prompt, on_token=on_token, should_stop=lambda: host.is_cancelled(key), **params)
+    if out["finish_reason"] == "cancelled":
+        # the client has let go of this task; say how far it got, for the job board and tests
+        worker.log_event("aicluster-cancelled", {"key": str(key), "model": model,
+                                                 "completion_tokens": out["completion_tokens"]})
     if topic:
         worker.log_event(topic, None)  # end of stream
     out.update(where(host, worker))

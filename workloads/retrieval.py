@@ -25,3 +25,11 @@ def top_k(queries: np.ndarray, corpus: np.ndarray, k: int = 3) -> dict:
     scores = qn @ cn.T
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return {"indices": idx, "scores": np.take_along_axis(scores, idx, axis=1)}
+
+
+def nearest_passages(query: np.ndarray, vectors: np.ndarray, passages: list[str], k: int = 3) -> list[str]:
+    """The ``k`` passages nearest one query vector, best first (for pipeline prompts)."""
+    if len(passages) != len(np.asarray(vectors)):
+        raise ValueError(f"{len(passages)} passages but {len(vectors)} vectors; embed the same passages you search")
+    hits = top_k(query, vectors, k=int(k))
+    return [passages[i] for i in hits["indices"][0]]

@@ -1,0 +1,466 @@
+"""Pipelines: named stages of model calls and Python functions, compiled into Dask futures.
+
+A spec (a dict, a YAML file, or the name of one shipped in ``workloads/pipelines/``)::
+
+    name: rag
+    params:                      # values a run may override (--set question="...")
+      question: "How much memory does the RTX 3060 have?"
+    stages:
+      corpus:        {kind: "workloads.retrieval:load_corpus", tier: CPU}
+      passages:      {kind: embed, model: minilm, texts: $corpus, options: {normalize: true}}
+      query:         {kind: embed, model: minilm, texts: "{question}"}
+      nearest:       {kind: "workloads.retrieval:nearest_passages", tier: CPU,
+                      args: {query: $query, vectors: $passages, passages: $corpus, k: 3}}
+      answer:        {kind: generate, model: gemma-270m,
+                      prompt: "Context: {nearest}\\nQuestion: {question}\\nAnswer:",
+                      options: {max_tokens: 48, stop: ["\\n"]}}
+
+* ``kind``: ``generate``, ``embed``, or a function as ``"package.module:function"``.
+* ``$name`` is the whole output of stage (or param) ``name``; ``$name.key`` one item of it.
+* ``{name}`` inside a string is replaced by that output as text (a generation's text, list
+  items one per line); ``{{`` and ``}}`` are literal braces.
+* ``tier`` overrides the model's tier (a function without one runs on any worker).
+
+Everything is checked before anything is submitted: unknown keys and kinds, unknown or
+mistyped models, references to missing stages or params, and cycles, each error naming
+the stage. Independent stages run at the same time on their tiers; a stage receives its
+inputs worker to worker (Dask moves the upstream results; the client never holds them).
+"""
+from __future__ import annotations
+
+import graphlib
+import importlib
+import string
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+__all__ = ["PipelineError", "StageFailed", "Plan", "PipelineRun", "PipelineResult", "compile_pipeline",
+           "load_spec", "run_stage", "shipped_pipelines"]
+
+STAGE_KEYS = {
+    "generate": {"kind", "model", "tier", "prompt", "options", "description"},
+    "embed": {"kind", "model", "tier", "texts", "options", "description"},
+    "call": {"kind", "tier", "args", "description"},
+}
+OPTIONS = {
+    "generate": {"max_tokens", "temperature", "top_p", "stop", "seed"},
+    "embed": {"batch_size", "normalize", "truncate"},
+}
+GENERATE_DEFAULTS = {"max_tokens": 128, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
+EMBED_DEFAULTS = {"batch_size": 64, "normalize": False, "truncate": False}
+MODEL_BACKENDS = {"generate": ("llamacpp", "transformers"), "embed": ("sentence_transformers",)}
+
+
+class PipelineError(ValueError):
+    """A spec that cannot run; one line per problem, each naming the stage."""
+
+    def __init__(self, name: str, problems: list[str]):
+        self.name, self.problems = name, list(problems)
+        super().__init__(f"pipeline {name!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.problems))
+
+
+class StageFailed(RuntimeError):
+    """A stage raised while running; ``stage`` names it, ``__cause__`` is the error."""
+
+    def __init__(self, pipeline: str, stage: str, error: BaseException):
+        self.pipeline, self.stage, self.error = pipeline, stage, error
+        super().__init__(f"pipeline {pipeline!r}, stage {stage!r} failed: {type(error).__name__}: {error}")
+
+    def __reduce__(self):
+        return (type(self), (self.pipeline, self.stage, self.error))
+
+
+# -- references and templates --------------------------------------------------------------
+def _ref(value) -> tuple[str, str | None] | None:
+    """``"$name"`` / ``"$name.key"`` -> (name, key); anything else -> None."""
+    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
+        name, _, key = value[1:].partition(".")
+        return name, key or None
+    return None
+
+
+def _template_fields(text: str) -> list[tuple[str, str | None]]:
+    out = []
+    for _, fieldname, _, _ in string.Formatter().parse(text):
+        if fieldname is not None:
+            name, _, key = fieldname.partition(".")
+            out.append((name, key or None))
+    return out
+
+
+def _refs_in(value) -> list[tuple[str, str | None]]:
+    """Every reference in a stage value: $refs, {template} fields, inside lists and dicts."""
+    r = _ref(value)
+    if r:
+        return [r]
+    if isinstance(value, str):
+        try:
+            return _template_fields(value)
+        except ValueError as e:  # a lone brace
+            raise PipelineError("?", [f"bad template {value[:60]!r}: {e}; write {{{{ and }}}} for literal braces"])
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _refs_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _refs_in(v)]
+    return []
+
+
+def as_text(value) -> str:
+    """A stage output as prompt text: a generation's text, list items one per line."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "text" in value:
+        return str(value["text"])
+    if isinstance(value, (list, tuple)):
+        return "\n".join(as_text(v) for v in value)
+    return str(value)
+
+
+def _pick(value, key):
+    if key is None:
+        return value
+    if isinstance(value, dict):
+        return value[key]
+    if isinstance(value, (list, tuple)) and key.isdigit():
+        return value[int(key)]
+    return getattr(value, key)
+
+
+def resolve(value, env: dict):
+    """Replace references in ``value`` by their values from ``env`` (runs on the worker)."""
+    r = _ref(value)
+    if r:
+        return _pick(env[r[0]], r[1])
+    if isinstance(value, str):
+        out = []
+        for literal, fieldname, _, _ in string.Formatter().parse(value):
+            out.append(literal)
+            if fieldname is not None:
+                name, _, key = fieldname.partition(".")
+                out.append(as_text(_pick(env[name], key or None)))
+        return "".join(out)
+    if isinstance(value, dict):
+        return {k: resolve(v, env) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [resolve(v, env) for v in value]
+    return value
+
+
+# -- specs and plans ------------------------------------------------------------------------
+def shipped_pipelines() -> dict[str, Path]:
+    """Pipelines shipped with the project, by name."""
+    folder = files("workloads").joinpath("pipelines")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith((".yaml", ".yml"))}
+
+
+def load_spec(source: str | Path | dict) -> dict:
+    """A spec dict from a dict, a YAML file, or the name of a shipped pipeline."""
+    if isinstance(source, dict):
+        return source
+    shipped = shipped_pipelines()
+    path = shipped.get(str(source)) or Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline {str(source)!r}: no such file, and not a shipped pipeline "
+                                f"({', '.join(sorted(shipped)) or 'none'})")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PipelineError(str(path), [f"not valid YAML: {e}"]) from None
+    if not isinstance(spec, dict):
+        raise PipelineError(str(path), ["expected a mapping with 'stages'"])
+    spec.setdefault("name", path.stem)
+    return spec
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str  # generate | embed | call
+    spec: dict
+    deps: list[str]
+    model: str | None = None
+    tier: str | None = None
+    fn: Any = None  # "pkg.mod:fn" or a callable
+
+
+@dataclass
+class Plan:
+    name: str
+    params: dict
+    stages: dict[str, StagePlan] = field(default_factory=dict)  # in a topological order
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.stages)
+
+
+def _import_callable(path: str) -> Callable:
+    module, _, attr = path.partition(":")
+    fn = getattr(importlib.import_module(module), attr)
+    if not callable(fn):
+        raise TypeError(f"{path} is not callable")
+    return fn
+
+
+def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
+    """Check ``spec`` against ``config`` and order its stages; raises ``PipelineError``."""
+    name = str(spec.get("name", "pipeline"))
+    problems: list[str] = []
+    extra = set(spec) - {"name", "params", "stages", "description", "output"}
+    if extra:
+        problems.append(f"unknown top-level key(s) {', '.join(sorted(extra))}; allowed: name, description, params, stages, output")
+    base = spec.get("params") or {}
+    if not isinstance(base, dict):
+        problems.append("params: expected a mapping of name: default value")
+        base = {}
+    values = dict(base)
+    for k, v in (params or {}).items():
+        if k not in base:
+            problems.append(f"param {k!r} is not declared under params (declared: {', '.join(base) or 'none'})")
+        values[k] = v
+    stages = spec.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise PipelineError(name, problems + ["stages: expected a non-empty mapping of stage name: stage"])
+    clash = set(stages) & set(values)
+    for c in sorted(clash):
+        problems.append(f"stage {c!r}: a param has the same name; rename one")
+    plans: dict[str, StagePlan] = {}
+    for sname, st in stages.items():
+        where = f"stage {sname!r}"
+        if not isinstance(st, dict):
+            problems.append(f"{where}: expected a mapping with at least 'kind'")
+            continue
+        kind_value = st.get("kind")
+        if kind_value is None:
+            problems.append(f"{where}: 'kind' is missing; use generate, embed or 'package.module:function'")
+            continue
+        fn = None
+        if kind_value in ("generate", "embed"):
+            kind = kind_value
+        elif callable(kind_value) or (isinstance(kind_value, str) and ":" in kind_value):
+            kind = "call"
+            if isinstance(kind_value, str):
+                try:
+                    _import_callable(kind_value)
+                except (ImportError, AttributeError, TypeError, ValueError) as e:
+                    problems.append(f"{where}: kind {kind_value!r} cannot be imported ({type(e).__name__}: {e})")
+            fn = kind_value
+        else:
+            problems.append(f"{where}: unknown kind {kind_value!r}; use generate, embed or 'package.module:function'")
+            continue
+        unknown = set(st) - STAGE_KEYS[kind]
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed for {kind}: {', '.join(sorted(STAGE_KEYS[kind]))}")
+        model = st.get("model")
+        tier = st.get("tier")
+        if tier is not None and tier not in config.tiers:
+            problems.append(f"{where}: tier {tier!r} is not a tier; known: {', '.join(config.tiers)}")
+        if kind in ("generate", "embed"):
+            if model is None:
+                problems.append(f"{where}: a {kind} stage needs a model")
+            elif model not in config.models:
+                problems.append(f"{where}: unknown model {model!r}; models: {', '.join(config.models)}")
+            elif config.models[model].backend in sum(MODEL_BACKENDS.values(), ()) and config.models[model].backend not in MODEL_BACKENDS[kind]:
+                can = [n for n, m in config.models.items() if m.backend in MODEL_BACKENDS[kind]]
+                problems.append(f"{where}: model {model!r} ({config.models[model].backend}) cannot {kind}; models that can: {', '.join(can)}")
+            opts = st.get("options") or {}
+            if not isinstance(opts, dict):
+                problems.append(f"{where}: options must be a mapping")
+            else:
+                bad = set(opts) - OPTIONS[kind]
+                if bad:
+                    problems.append(f"{where}: unknown option(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(OPTIONS[kind]))}")
+                mt = opts.get("max_tokens", 1)
+                if kind == "generate" and (isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0):
+                    problems.append(f"{where}: options.max_tokens must be a positive integer, got {mt!r}")
+            needed = "prompt" if kind == "generate" else "texts"
+            if needed not in st:
+                problems.append(f"{where}: a {kind} stage needs {needed!r}")
+        try:
+            refs = _refs_in({k: v for k, v in st.items() if k in ("prompt", "texts", "args")})
+        except PipelineError as e:
+            problems.append(f"{where}: {e.problems[0]}")
+            refs = []
+        deps = []
+        for ref, _ in refs:
+            if ref in stages:
+                if ref == sname:
+                    problems.append(f"{where}: refers to itself")
+                elif ref not in deps:
+                    deps.append(ref)
+            elif ref not in values:
+                problems.append(f"{where}: refers to {ref!r}, which is neither a stage nor a param "
+                                f"(stages: {', '.join(stages)}; params: {', '.join(values) or 'none'})")
+        plans[sname] = StagePlan(sname, kind, st, deps, model=model, tier=tier, fn=fn)
+    order: list[str] = []
+    if not problems:
+        try:
+            order = list(graphlib.TopologicalSorter({n: p.deps for n, p in plans.items()}).static_order())
+        except graphlib.CycleError as e:
+            cycle = e.args[1]
+            problems.append(f"stages {' -> '.join(repr(c) for c in cycle)} form a cycle")
+    if problems:
+        raise PipelineError(name, problems)
+    return Plan(name=name, params=values, stages={n: plans[n] for n in order})
+
+
+# -- running on a worker --------------------------------------------------------------------
+def run_stage(pipeline: str, stage: str, kind: str, st: dict, fn, params: dict, upstream: dict,
+              model: str | None = None, model_spec=None) -> dict:
+    """Run one stage on this worker; ``upstream`` maps stage names to their results."""
+    from distributed import get_worker
+
+    start = time.time()
+    env = {**params, **{k: v["output"] for k, v in upstream.items()}}
+    worker = get_worker()
+    info: dict = {}
+    if kind == "generate":
+        from .backends import InputError
+        from .llm import generate_task
+
+        prompt = resolve(st["prompt"], env)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"stage {stage!r}: the prompt is empty after filling in its references")
+        opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
+        out = generate_task(prompt, model, model_spec, opts)
+        out["prompt"] = prompt
+        output = out
+        info = {k: out[k] for k in ("tier", "simulated")}
+    elif kind == "embed":
+        from .backends import InputError
+        from .embeddings import embed_task
+
+        texts = resolve(st["texts"], env)
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        if not items:
+            raise InputError(f"stage {stage!r}: no texts to embed")
+        for i, t in enumerate(items):
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(f"stage {stage!r}: text {i} is {'empty' if isinstance(t, str) else type(t).__name__}")
+        opts = {**EMBED_DEFAULTS, **(st.get("options") or {})}
+        out = embed_task(items, model, model_spec, opts)
+        output = out["embeddings"][0] if single else out["embeddings"]
+        info = {k: out[k] for k in ("tier", "simulated")}
+    else:
+        func = _import_callable(fn) if isinstance(fn, str) else fn
+        args = resolve(st.get("args", {}), env)
+        output = func(*args) if isinstance(args, list) else func(**args)
+        from ._host import host_and_worker, where
+
+        try:
+            host, _ = host_and_worker()
+            info = {k: v for k, v in where(host, worker).items() if k in ("tier", "simulated")}
+        except RuntimeError:
+            info = {"tier": None, "simulated": False}
+    return {"stage": stage, "output": output, "worker": str(worker.name), "address": worker.address,
+            "start": start, "end": time.time(), **info}
+
+
+# -- results --------------------------------------------------------------------------------
+class PipelineResult(dict):
+    """``{stage: output}``, with ``.stages`` (worker, tier, times per stage) and a table."""
+
+    def __init__(self, name: str, results: dict[str, dict], output: str):
+        super().__init__({k: v["output"] for k, v in results.items()})
+        self.name, self.stages, self.output_stage = name, results, output
+        t0 = min(r["start"] for r in results.values())
+        self.spans = {k: (r["start"] - t0, r["end"] - t0) for k, r in results.items()}
+
+    @property
+    def output(self):
+        """The output of the final stage (or the spec's ``output`` stage)."""
+        return self[self.output_stage]
+
+    def table(self) -> str:
+        head = ["stage", "tier", "hardware", "worker", "start s", "end s"]
+        body = [[k, str(r.get("tier") or "-"), "simulated" if r.get("simulated") else "real", r["worker"],
+                 f"{self.spans[k][0]:.2f}", f"{self.spans[k][1]:.2f}"] for k, r in self.stages.items()]
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+    def __str__(self) -> str:
+        return f"pipeline {self.name!r}\n{self.table()}"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return "<pre>" + html.escape(str(self)) + "</pre>"
+
+
+class PipelineRun:
+    """The futures of one pipeline run; ``result()`` waits for all stages."""
+
+    def __init__(self, plan: Plan, futures: dict, client, output: str):
+        self.plan, self.futures, self.client, self.output_stage = plan, futures, client, output
+
+    def result(self, timeout=None) -> PipelineResult:
+        from distributed import wait
+
+        wait(list(self.futures.values()), timeout=timeout)
+        # the first stage (in order) that failed is the cause; later ones failed because of it
+        for name, f in self.futures.items():
+            if f.status == "error":
+                exc = f.exception()
+                raise StageFailed(self.plan.name, name, exc) from exc
+            if f.status == "cancelled":
+                raise StageFailed(self.plan.name, name, RuntimeError("cancelled"))
+        results = self.client.gather(self.futures)
+        return PipelineResult(self.plan.name, {n: results[n] for n in self.plan.order}, self.output_stage)
+
+    def cancel(self) -> None:
+        self.client.cancel(list(self.futures.values()))
+
+
+# -- submitting -----------------------------------------------------------------------------
+def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None) -> PipelineRun:
+    """Check ``spec`` and submit its stages to the cluster of ``ai`` (an ``AICluster``).
+
+    Everything is checked first (spec, models, references, cycles, and that a live worker
+    can serve each stage's tier); nothing is submitted when something is wrong.
+    """
+    import uuid
+
+    from cluster import routing
+
+    spec = load_spec(spec)
+    plan = compile_pipeline(spec, ai.config, params)
+    output = spec.get("output") or plan.order[-1]
+    if output not in plan.stages:
+        raise PipelineError(plan.name, [f"output: {output!r} is not a stage"])
+    # route every stage before submitting any, so a missing tier fails the whole run up front
+    routes = {}
+    for name, sp in plan.stages.items():
+        what = f"pipeline {plan.name}: {name}"
+        try:
+            if sp.kind in ("generate", "embed"):
+                verb = "generate text" if sp.kind == "generate" else "embed texts"
+                spec_model, route = ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
+            elif sp.tier is not None:
+                spec_model, route = None, ai.route(sp.tier, what)
+            else:
+                spec_model, route = None, None
+        except routing.NoWorkerForTier as e:
+            raise PipelineError(plan.name, [f"stage {name!r}: {e}"]) from None
+        routes[name] = (spec_model, route, what)
+    token = uuid.uuid4().hex[:8]
+    futures: dict = {}
+    for name, sp in plan.stages.items():
+        spec_model, route, what = routes[name]
+        upstream = {d: futures[d] for d in sp.deps}
+        args = (plan.name, name, sp.kind, sp.spec, sp.fn, plan.params, upstream, sp.model, spec_model)
+        key = f"{plan.name}-{name}-{token}"
+        if route is None:
+            futures[name] = ai._submit_anywhere(what, run_stage, *args, kind=f"pipeline-{sp.kind}", key=key)
+        else:
+            futures[name] = ai._submit_routed(route, what, run_stage, *args, kind=f"pipeline-{sp.kind}", key=key)
+    return PipelineRun(plan, futures, ai.client, output)
