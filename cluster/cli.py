@@ -36,6 +36,16 @@ def quiet_dask() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def scheduler_client(address: str, cfg):
+    """A Client of the scheduler at ``address``, or a one-line error that names it."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=10, security=cfg.security_object())
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
+
+
 def _config(path):
     try:
         return load_config(path)
@@ -242,11 +252,7 @@ def status(address, as_json, config_path):
     from .status import format_table, worker_rows
 
     address = address or cfg.scheduler.address
-    try:
-        client = Client(address, timeout=10, security=cfg.security_object())
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
-    with client:
+    with scheduler_client(address, cfg) as client:
         rows = worker_rows(client.scheduler_info(n_workers=-1)["workers"], cfg.tier_names)
         if as_json:
             click.echo(json.dumps({"scheduler": address, "dashboard": client.dashboard_link, "workers": rows}, indent=2, default=str))
@@ -274,13 +280,15 @@ def demo(config_path, dashboard_port):
     importlib.import_module("workloads.demo").run_demo(cfg, dashboard_port=dashboard_port)
 
 
-from .cli_batch import cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd  # noqa: E402
+from .cli_batch import bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd, submit_cmd  # noqa: E402
 
 main.add_command(embed_cmd)
 main.add_command(generate_cmd)
 main.add_command(pipeline_cmd)
 main.add_command(jobs_cmd)
 main.add_command(cancel_cmd)
+main.add_command(bench_cmd)
+main.add_command(submit_cmd)
 
 if __name__ == "__main__":
     main()

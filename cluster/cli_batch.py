@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -161,7 +162,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                 else:
-                    tqdm.write(f"prompt {job['id']}: {rec['error']}")
+                    tqdm.write(f"prompt {job['id']}: {rec['error']}", file=sys.stderr)
                 bar.update(1)
                 submit_next(ac)
         except Exception as e:
@@ -240,18 +241,13 @@ def jobs_cmd(address, state, limit, as_json, config_path):
       aicluster jobs tcp://192.168.1.10:8786
       aicluster jobs tcp://192.168.1.10:8786 --state running --state pending
     """
-    from distributed import Client
-
+    from .cli import scheduler_client
     from .config import load_config
     from .jobs import format_jobs, job_rows
 
     cfg = load_config(config_path)
     address = address or cfg.scheduler.address
-    try:
-        client = Client(address, timeout=10, security=cfg.security_object())
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
-    with client:
+    with scheduler_client(address, cfg) as client:
         rows = client.run_on_scheduler(job_rows, states=list(state) or None, limit=limit)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_jobs(rows))
 
@@ -277,3 +273,91 @@ def cancel_cmd(keys, address, config_path):
             raise click.ClickException(f"no such job(s): {', '.join(missing)}; see `aicluster jobs`")
         ai.cancel(list(keys))
     click.echo(f"cancelled {len(keys)} job(s)")
+
+
+@click.command("bench")
+@click.option("--suite", type=click.Choice(["quick", "models", "full", "seed"]), default="quick", show_default=True,
+              help="quick: the four seed jobs at small sizes; models: LLM and embedding throughput; full: both; "
+                   "seed: the seed's sizes (minutes per CPU worker).")
+@click.option("--tier", "tiers", multiple=True, help="Only workers of this tier (repeatable).")
+@click.option("--worker", "workers", multiple=True, help="Only this worker, by name or address (repeatable).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default: reports/bench-<date>-<time>).")
+@click.option("--parallel", is_flag=True, help="All workers at once (for separate PCs; on one machine they slow each other).")
+@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
+    """Benchmark every worker (or chosen tiers / workers) and write a report folder:
+    report.md, results.csv and PNG charts.
+
+    \b
+    Examples:
+      aicluster bench                                  # quick suite, embedded cluster
+      aicluster bench --suite full --address tcp://192.168.1.10:8786 -o reports/lab
+      aicluster bench --tier VRAM12 --tier CPU --suite seed
+    """
+    import time as _time
+
+    output = output or Path("reports") / _time.strftime("bench-%Y%m%d-%H%M%S")
+    with _connect(address, config_path) as ai:
+        try:
+            records = ai.bench(suite, tiers=list(tiers) or None, workers=list(workers) or None, report=str(output),
+                               parallel=parallel)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    bad = [r for r in records if not r["check"]["passed"]]
+    click.echo(f"{len(records)} results; report: {output / 'report.md'}")
+    for r in records:
+        sim = " (simulated)" if r["simulated"] else ""
+        click.echo(f"  {r['worker']:<10} {r['tier'] or '-':<7}{sim:<12} {r['job_type']:<18} {r['value']:>10.1f} {r['unit']}")
+    if bad:
+        raise click.ClickException(f"{len(bad)} result(s) failed their own check; see {output / 'report.md'}")
+
+
+@click.command("submit")
+@click.argument("jobs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON lines of results (default: JOBS_FILE with .results.jsonl).")
+@click.option("--in-flight", default=4, show_default=True, help="Jobs submitted at once.")
+@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def submit_cmd(jobs_file, output, in_flight, address, config_path):
+    """Run a JSON list of benchmark jobs in the GPU job-queue seed's format.
+
+    Each job: {"job_type": "matrix_multiply", "size": 1000, "iterations": 10, "prefer_gpu": true}.
+    prefer_gpu jobs go to the GPU tiers (best first) with the CPU tier as fallback. Each
+    result is written as a JSON line as it finishes; a bad job gets an error line and the
+    others go on. Ends with counts and times per job_type x tier, jobs per second and the
+    GPU-over-CPU speedup.
+
+    \b
+    Example:
+      aicluster submit jobs.json -o results.jsonl --address tcp://192.168.1.10:8786
+    """
+    try:
+        jobs = json.loads(jobs_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise click.ClickException(f"{jobs_file}: not JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list):
+        jobs = jobs["jobs"]
+    if not isinstance(jobs, list) or not jobs:
+        raise click.ClickException(f"{jobs_file}: expected a non-empty JSON list of job objects")
+    output = output or jobs_file.with_suffix(".results.jsonl")
+    from tqdm import tqdm
+
+    with _connect(address, config_path) as ai, output.open("w", encoding="utf-8") as out:
+        def write(o):
+            out.write(json.dumps(o, default=str) + "\n")
+            out.flush()
+            if o["status"] == "failed":
+                tqdm.write(f"job {o['job_id']}: {o['error']}", file=sys.stderr)
+
+        res = ai.run_jobs(jobs, on_result=write, in_flight=in_flight)
+    import importlib
+
+    format_stats = importlib.import_module("workloads.bench_report").format_stats
+
+    click.echo(format_stats(res["stats"]))
+    click.echo(f"results: {output}")
+    if res["stats"]["failed"]:
+        raise SystemExit(1)

@@ -320,6 +320,25 @@ class AICluster:
         """``branch`` over many ``items`` with at most ``in_flight`` at once and a progress bar."""
         return importlib.import_module("workloads.patterns").batch(self, branch, items, in_flight, progress, errors)
 
+    # -- benchmarks (workloads/bench.py, workloads/bench_report.py) --------------------------
+    def bench(self, suite: str = "quick", tiers=None, workers=None, report: str | None = None,
+              parallel: bool = False, progress: bool = True) -> list[dict]:
+        """Run a benchmark suite (quick, models, full, seed) on every worker, or on the given
+        ``tiers`` / ``workers``; returns the records and, with ``report=FOLDER``, writes
+        report.md, results.csv and PNG charts there."""
+        mod = importlib.import_module("workloads.bench_report")
+        records = mod.run_suite(self, suite, tiers=tiers, workers=workers, parallel=parallel, progress=progress)
+        if report:
+            mod.write_report(records, report, title=f"Cluster benchmark ({suite})")
+        return records
+
+    def run_jobs(self, jobs: list, on_result=None, in_flight: int = 4, progress: bool = True) -> dict:
+        """Run job dicts in the GPU job-queue seed's format; returns ``{"results": [...],
+        "stats": {...}}`` (see workloads/bench_report.py)."""
+        mod = importlib.import_module("workloads.bench_report")
+        outcomes, wall = mod.run_jobs(self, jobs, on_result=on_result, in_flight=in_flight, progress=progress)
+        return {"results": outcomes, "stats": mod.job_stats(outcomes, wall, self.config.cpu_tier)}
+
     # -- jobs --------------------------------------------------------------------------------
     def jobs(self, state: str | Sequence[str] | None = None, limit: int | None = None) -> "JobList":
         """Jobs submitted through any client of this cluster, oldest first.

@@ -98,10 +98,31 @@ def _models_doc(scheduler, extra, doc):
         source.data = data
         budget.data = bud
 
+    from bokeh.models import DataTable, TableColumn
+
+    bench = ColumnDataSource(dict(worker=[], job=[], result=[], device=[]))
+    table = DataTable(source=bench, height=160, sizing_mode="stretch_width", index_position=None, columns=[
+        TableColumn(field="worker", title="worker [tier]"), TableColumn(field="job", title="last benchmark"),
+        TableColumn(field="result", title="result"), TableColumn(field="device", title="device, dtype")])
+
+    def update_bench():
+        data = {k: [] for k in bench.data}
+        for r in rows_for(scheduler):
+            tier = (r["tier"] or "no tier") + (" simulated" if r["simulated"] else "")
+            for job, b in r.get("bench", {}).items():
+                data["worker"].append(f"{r['name']} [{tier}]")
+                data["job"].append(job)
+                data["result"].append(f"{b['value']:.1f} {b['unit']}")
+                data["device"].append(f"{b['device']}, {b['dtype']}")
+        bench.data = data
+
     update()
+    update_bench()
     doc.add_periodic_callback(update, 1000)
+    doc.add_periodic_callback(update_bench, 5000)
     doc.title = "Dask: AI models"
     doc.add_root(fig)
+    doc.add_root(table)
     doc.theme = BOKEH_THEME
 
 

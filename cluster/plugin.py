@@ -132,6 +132,8 @@ class ModelHost(WorkerPlugin):
         self.load_counts: dict[str, int] = {}
         self.evictions: list[str] = []
         self._cancelled: dict[str, float] = {}
+        #: job_type -> last benchmark result on this worker (workloads/bench.py)
+        self.bench: dict[str, dict] = {}
         self._threads_set = False
         worker.metrics["aicluster"] = self.metrics
         if self.preload and self.assignment is not None:
@@ -236,6 +238,7 @@ class ModelHost(WorkerPlugin):
             "models": {n: r.info() for n, r in list(self._models.items())},
             "loading": list(self._loading),
             "loads": dict(self.load_counts),
+            "bench": dict(self.bench),
         }
 
     # -- internals -------------------------------------------------------------------------

@@ -42,10 +42,15 @@ class NoWorkerForTier(RuntimeError):
 
 
 def live_tiers(workers: dict, tiers) -> dict[str, list[str]]:
-    """``{tier: [worker addresses]}`` from ``scheduler_info()["workers"]`` (running workers only)."""
+    """``{tier: [worker addresses]}`` from ``scheduler_info()["workers"]``.
+
+    Running and *paused* workers count: a worker pauses under memory pressure and resumes
+    by itself, and Dask holds its tasks until then (the TierGuard does not fail them).
+    Closing and closed workers do not.
+    """
     out: dict[str, list[str]] = {}
     for addr, w in workers.items():
-        if w.get("status", "running") not in ("running", "Status.running"):
+        if str(w.get("status", "running")).removeprefix("Status.") not in ("running", "paused"):
             continue
         for r, count in (w.get("resources") or {}).items():
             if r in tiers and count > 0:
@@ -125,14 +130,20 @@ class TierGuard(SchedulerPlugin):
         info = ts.annotations[ANNOTATION]
         chain, what = list(info["chain"]), info.get("what", str(key))
         live: dict[str, int] = {}
+        paused: dict[str, int] = {}
         for ws in s.workers.values():
-            if ws.status.name != "running":
+            into = live if ws.status.name == "running" else paused if ws.status.name == "paused" else None
+            if into is None:
                 continue
             for r, v in ws.resources.items():
                 if r in chain and v > 0:
-                    live[r] = live.get(r, 0) + 1
+                    into[r] = into.get(r, 0) + 1
         stimulus_id = f"aicluster-tier-guard-{key}"
         for tier in chain:
+            if paused.get(tier) and not live.get(tier) and tier in (ts.resource_restrictions or {}):
+                # its worker paused under memory pressure: Dask runs the task when it resumes
+                logger.info("%s waits for a paused worker of tier %s", key, tier)
+                return
             if live.get(tier):
                 logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
                 ts.resource_restrictions = {tier: 1}

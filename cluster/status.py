@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dask.utils import format_bytes
 
-__all__ = ["worker_rows", "format_table", "format_models"]
+__all__ = ["worker_rows", "format_table", "format_models", "format_bench"]
 
 
 def worker_rows(workers: dict, tiers=()) -> list[dict]:
@@ -41,6 +41,7 @@ def worker_rows(workers: dict, tiers=()) -> list[dict]:
             "used": host.get("used", 0),
             "models": host.get("models", {}),
             "loading": host.get("loading", []),
+            "bench": host.get("bench", {}),
             "tiered": tier is not None,
             "reason": tier_info.get("reason", ""),
         })
@@ -76,7 +77,19 @@ def format_table(rows: list[dict], models: bool = True) -> str:
         text = format_models(rows)
         if text:
             out += ["", text]
+        text = format_bench(rows)
+        if text:
+            out += ["", text]
     return "\n".join(out)
+
+
+def format_bench(rows: list[dict]) -> str:
+    """Each worker's last benchmark result per job (``aicluster bench``)."""
+    lines = []
+    for r in rows:
+        for job, b in r.get("bench", {}).items():
+            lines.append(f"  {r['name']:<16} {job:<18} {b['value']:>10.1f} {b['unit']:<10} ({b['device']}, {b['dtype']})")
+    return "last benchmarks:\n" + "\n".join(lines) if lines else ""
 
 
 def format_models(rows: list[dict]) -> str:

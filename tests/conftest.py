@@ -12,6 +12,10 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# benchmark records of the tests' workers go to a scratch folder, not ~/.cache
+import tempfile  # noqa: E402
+
+os.environ["AICLUSTER_BENCH_DIR"] = tempfile.mkdtemp(prefix="aicluster-bench-")
 
 import pytest
 import yaml
@@ -48,3 +52,20 @@ def env_with_tests():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
     return env
+
+
+def three_tier_config(memory_limit: str = "2GB") -> dict:
+    """config.yaml with in-process workers pc1 (VRAM12), pc2 (VRAM6) and cpu (CPU)."""
+    data = base_config()
+    data["local"]["workers"] = [{"name": n, "tier": t, "nthreads": 1, "memory_limit": memory_limit}
+                                for n, t in (("pc1", "VRAM12"), ("pc2", "VRAM6"), ("cpu", "CPU"))]
+    return data
+
+
+@pytest.fixture(scope="module")
+def tiers():
+    """A fast in-process cluster of three simulated tiers (one per module)."""
+    from cluster import connect
+
+    with connect(three_tier_config(), processes=False, dashboard_port=0) as ai:
+        yield ai

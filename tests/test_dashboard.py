@@ -41,8 +41,9 @@ def test_prometheus_metrics_carry_aicluster_gauges(base):
     text = get(base + "/metrics")
     assert 'aicluster_workers{simulated="true",tier="VRAM12"} 1.0' in text
     assert 'aicluster_workers{simulated="false",tier="CPU"} 1.0' in text
-    line = next(l for l in text.splitlines() if l.startswith("aicluster_model_bytes{") and 'model="minilm"' in l)
-    assert 'worker="pc2"' in line and float(line.rsplit(" ", 1)[1]) > 50e6
+    line = next(l for l in text.splitlines()
+                if l.startswith("aicluster_model_bytes{") and 'model="minilm"' in l and 'worker="pc2"' in l)
+    assert 'tier="VRAM6"' in line and float(line.rsplit(" ", 1)[1]) > 50e6
 
 
 def test_models_page_is_served_and_listed_in_the_menu(base):

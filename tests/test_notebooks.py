@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:2] == ["01_quickstart.ipynb", "02_pipelines.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:3] == ["01_quickstart.ipynb", "02_pipelines.ipynb", "03_benchmarks.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -34,5 +34,11 @@ def test_notebook_runs(path):
         text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                          if o.output_type == "stream")
         assert "pipeline 'rag'" in text and "refers to 'vectorz'" in text and "cancelled" in text
+    if path.name == "03_benchmarks.ipynb":
+        text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                         if o.output_type == "stream")
+        assert "matrix_multiply" in text and "VRAM12 (simulated)" in text and "last benchmarks:" in text
+        assert "parameter 'size' must be positive" in "\n".join(
+            str(o.get("data", {}).get("text/plain", "")) for c in nb.cells for o in c.get("outputs", []))
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot was not drawn"

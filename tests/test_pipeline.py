@@ -12,18 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from cluster import connect
-from conftest import BIN, base_config
+from conftest import BIN
 from workloads.pipeline import PipelineError, StageFailed
-
-
-@pytest.fixture(scope="module")
-def tiers():
-    data = base_config()
-    data["local"]["workers"] = [{"name": n, "tier": t, "nthreads": 1, "memory_limit": "2GB"}
-                                for n, t in (("pc1", "VRAM12"), ("pc2", "VRAM6"), ("cpu", "CPU"))]
-    with connect(data, processes=False, dashboard_port=0) as ai:
-        yield ai
 
 
 def test_parallel_branches_overlap_on_their_tiers_and_feed_the_join(tiers):

@@ -17,8 +17,10 @@ def tiny(mb: float, footprint: str | None = None, delay: float = 0.0) -> dict:
 @pytest.fixture(scope="module")
 def ai():
     data = base_config()
-    data["local"]["workers"] = [{"name": "box", "tier": "CPU", "nthreads": 4, "memory_limit": "1GB"}]
-    data["worker"]["model_budget"] = 0.1  # 100 MB for models
+    # in-process workers see the whole test process's memory, so the limit is generous and
+    # the model budget a small fraction of it
+    data["local"]["workers"] = [{"name": "box", "tier": "CPU", "nthreads": 4, "memory_limit": "8GB"}]
+    data["worker"]["model_budget"] = 0.0125  # 100 MB for models
     data["models"] = {
         "a": tiny(40), "b": tiny(40), "c": tiny(40),
         "slow": tiny(10, delay=1.0),

@@ -136,3 +136,32 @@ def test_worker_leaving_mid_job_without_fallback_fails_with_a_clear_error():
         _close_worker(ai, "pc1")
         with pytest.raises(NoWorkerForTier, match="tier VRAM12 .*live tiers: CPU"):
             fut.result(timeout=60)
+
+
+def _set_pause_fraction(fraction, dask_worker=None):
+    dask_worker.memory_manager.memory_pause_fraction = fraction
+
+
+def _wait_status(ai, addr, status, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ai.client.scheduler_info(n_workers=-1)["workers"][addr]["status"] == status:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{addr} never became {status}")
+
+
+def test_a_paused_worker_keeps_its_work_and_runs_it_when_it_resumes():
+    ai = connect(config_with([("pc1", "VRAM12"), ("cpu", "CPU")], fallback={"VRAM12": []}),
+                 processes=False, dashboard_port=0)
+    with ai:
+        (pc1,) = ai.live_tiers()["VRAM12"]
+        # real memory pressure, made cheap: a pause threshold any process is above
+        ai.client.run(_set_pause_fraction, 1e-6, workers=[pc1])
+        _wait_status(ai, pc1, "paused")
+        fut = ai.submit(whoami, tier="VRAM12")  # not refused: the worker is still there
+        time.sleep(1.0)
+        assert fut.status == "pending"  # waiting for pc1, not failed by the TierGuard
+        assert ai.job(fut)["state"] == "pending"
+        ai.client.run(_set_pause_fraction, 0.8, workers=[pc1])
+        assert fut.result(timeout=60) == "pc1"

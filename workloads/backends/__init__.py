@@ -6,7 +6,7 @@ Loaded models offer ``nbytes`` (weights held), ``close()``, and either
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "ContextTooLong", "WrongModelKind"]
+__all__ = ["InputError", "ContextTooLong", "WrongModelKind", "TextGenerator"]
 
 
 class InputError(ValueError):
@@ -31,3 +31,28 @@ class ContextTooLong(InputError):
 
 class WrongModelKind(InputError):
     """An embedding model asked to generate, or the reverse."""
+
+
+class TextGenerator:
+    """What the generation backends share: token counting and the context check.
+
+    Subclasses set ``name`` and ``n_ctx`` and implement ``tokenize(text) -> list[int]``
+    (with the special tokens the model adds) and ``generate(...)``.
+    """
+
+    kind = "generate"
+    name: str
+    n_ctx: int
+
+    def tokenize(self, text: str) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def check_fits(self, prompt: str, max_tokens: int, index: int | None = None) -> list[int]:
+        """The prompt's token ids, or ``ContextTooLong`` when prompt + max_tokens exceed n_ctx."""
+        ids = self.tokenize(prompt)
+        if len(ids) + max_tokens > self.n_ctx:
+            raise ContextTooLong(self.name, len(ids), max_tokens, self.n_ctx, index)
+        return ids

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import ContextTooLong
+from . import TextGenerator
 from ._source import resolve_source
 
 
-class LlamaModel:
-    kind = "generate"
+class LlamaModel(TextGenerator):
 
     def __init__(self, llm, path: Path, name: str):
         self.llm, self.path, self.name = llm, path, name
@@ -24,15 +23,6 @@ class LlamaModel:
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
-
-    def check_fits(self, prompt: str, max_tokens: int, index: int | None = None) -> int:
-        n = self.count_tokens(prompt)
-        if n + max_tokens > self.n_ctx:
-            raise ContextTooLong(self.name, n, max_tokens, self.n_ctx, index)
-        return n
 
     def generate(
         self,
@@ -50,9 +40,7 @@ class LlamaModel:
         ``on_token`` receives text pieces as they come; ``should_stop`` is polled between
         tokens, so a cancelled job stops within a token or two.
         """
-        prompt_ids = self.tokenize(prompt)
-        if len(prompt_ids) + max_tokens > self.n_ctx:
-            raise ContextTooLong(self.name, len(prompt_ids), max_tokens, self.n_ctx)
+        prompt_ids = self.check_fits(prompt, max_tokens)
         import llama_cpp
 
         self.llm.reset()

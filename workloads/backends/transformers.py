@@ -15,28 +15,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import ContextTooLong, InputError
+from . import InputError, TextGenerator
 from ._source import resolve_source
 
 
-class TransformersLM:
-    kind = "generate"
+class TransformersLM(TextGenerator):
 
     def __init__(self, model, tokenizer, name: str, device: str, n_ctx: int):
         self.model, self.tokenizer, self.name, self.device, self.n_ctx = model, tokenizer, name, device, n_ctx
         self.nbytes = int(model.get_memory_footprint())
 
-    def _ids(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._ids(text))
-
-    def check_fits(self, prompt: str, max_tokens: int, index: int | None = None) -> int:
-        n = self.count_tokens(prompt)
-        if n + max_tokens > self.n_ctx:
-            raise ContextTooLong(self.name, n, max_tokens, self.n_ctx, index)
-        return n
 
     def generate(
         self,
@@ -54,9 +44,7 @@ class TransformersLM:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        ids = self._ids(prompt)
-        if len(ids) + max_tokens > self.n_ctx:
-            raise ContextTooLong(self.name, len(ids), max_tokens, self.n_ctx)
+        ids = self.check_fits(prompt, max_tokens)
         stop = [s for s in (stop or []) if s]
         tok = self.tokenizer
         prompt_len = len(ids)

@@ -1,0 +1,346 @@
+"""Benchmark suites over the cluster's workers, seed-format job files, and reports.
+
+``run_suite`` runs a suite of ``workloads.bench`` jobs on every chosen worker and
+``write_report`` turns the records into a folder: ``report.md`` (tables per job x worker,
+speedups over the CPU tier, model throughput), ``results.csv`` and PNG charts.
+``run_jobs`` takes the seed's job dicts (``{"job_type": "matrix_multiply", "size": 1000,
+"iterations": 10, "prefer_gpu": true}``), routes them, streams each result as a JSON line,
+and ends with the seed's statistics.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import bench
+
+__all__ = ["SUITES", "run_suite", "write_report", "run_jobs", "job_stats", "format_stats"]
+
+#: suites: (job function name, kwargs); model entries are expanded per model kind
+SUITES = {
+    "quick": [
+        ("matrix_multiply", {"size": 256, "iterations": 5}),
+        ("vector_addition", {"size": 1_000_000, "iterations": 20}),
+        ("neural_network", {"epochs": 3, "batch_size": 64, "input_size": 784, "hidden_size": 128, "output_size": 10}),
+        ("image_processing", {"batch_size": 4, "image_size": 64, "iterations": 5}),
+    ],
+    "models": [
+        ("llm_throughput", {"batch_sizes": [1, 2], "context_lengths": [32, 256], "max_tokens": 16}),
+        ("embed_throughput", {"batch_sizes": [16, 64], "n_texts": 128}),
+    ],
+    # the seed's own sizes: minutes per worker on a CPU
+    "seed": [
+        ("matrix_multiply", {"size": 1000, "iterations": 10}),
+        ("vector_addition", {"size": 10_000_000, "iterations": 100}),
+        ("neural_network", {"epochs": 5, "batch_size": 64, "input_size": 784, "hidden_size": 256, "output_size": 10}),
+        ("image_processing", {"batch_size": 32, "image_size": 224, "iterations": 50}),
+    ],
+}
+SUITES["full"] = SUITES["quick"] + SUITES["models"]
+
+
+def _bench_task(name: str, kwargs: dict):
+    """Run ``workloads.bench.<name>`` on this worker; a list of records."""
+    out = getattr(bench, name)(**kwargs)
+    return out if isinstance(out, list) else [out]
+
+
+def _targets(ai, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> list[dict]:
+    rows = list(ai.status())
+    if workers:
+        wanted = set(workers)
+        chosen = [r for r in rows if r["name"] in wanted or r["address"] in wanted]
+        missing = wanted - {r["name"] for r in chosen} - {r["address"] for r in chosen}
+        if missing:
+            raise ValueError(f"no such worker(s): {', '.join(sorted(missing))}; workers: {', '.join(r['name'] for r in rows)}")
+        return chosen
+    if tiers:
+        unknown = set(tiers) - set(ai.config.tiers)
+        if unknown:
+            raise ValueError(f"unknown tier(s) {', '.join(sorted(unknown))}; known: {', '.join(ai.config.tiers)}")
+        chosen = [r for r in rows if r["tier"] in set(tiers)]
+        if not chosen:
+            raise ValueError(f"no live worker has tier {', '.join(tiers)}; live tiers: {', '.join(sorted({r['tier'] for r in rows if r['tier']}))}")
+        return chosen
+    return [r for r in rows if r["tier"]]
+
+
+def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool = False,
+              progress: bool = True) -> list[dict]:
+    """Run ``suite`` on every chosen worker (default: all tiered workers); the records.
+
+    One job at a time by default, so that workers sharing a machine (the embedded cluster)
+    do not slow each other down; ``parallel=True`` runs all workers at once (separate PCs).
+    """
+    from distributed import wait
+    from tqdm.auto import tqdm
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
+    targets = _targets(ai, tiers, workers)
+    jobs = []
+    for t in targets:
+        for name, kwargs in SUITES[suite]:
+            if name == "llm_throughput":
+                for model, spec in ai.config.models.items():
+                    if spec.backend == "llamacpp":
+                        jobs.append((t, name, {"model": model, "spec": spec, **kwargs}))
+            elif name == "embed_throughput":
+                for model, spec in ai.config.models.items():
+                    if spec.backend == "sentence_transformers":
+                        jobs.append((t, name, {"model": model, "spec": spec, **kwargs}))
+            else:
+                jobs.append((t, name, kwargs))
+    records: list[dict] = []
+    bar = tqdm(total=len(jobs), desc=f"bench {suite}", unit="job", disable=not progress)
+
+    def submit(t, name, kwargs):
+        route = ai.route(t["tier"], f"bench {name}").__class__(tier=t["tier"], chain=[t["tier"]], workers=[t["address"]])
+        return ai._submit_routed(route, f"bench {name} on {t['name']}", _bench_task, name, kwargs, kind="bench", pure=False)
+
+    try:
+        if parallel:
+            futures = [submit(*j) for j in jobs]
+            for f in futures:
+                wait(f)
+                bar.update(1)
+            for f in futures:
+                records.extend(f.result())
+        else:
+            for j in jobs:
+                records.extend(submit(*j).result())
+                bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+# -- reports --------------------------------------------------------------------------------
+def _label(r: dict) -> str:
+    return f"{r['worker']} ({r['tier']}{', simulated' if r['simulated'] else ''})"
+
+
+def _params(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["params"].items())
+
+
+def speedups(records: list[dict], cpu_tier: str = "CPU") -> list[dict]:
+    """Each worker's throughput over the CPU tier's, per job and parameters."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["job_type"], _params(r))].append(r)
+    out = []
+    for (jt, params), rs in groups.items():
+        base = [r for r in rs if r["tier"] == cpu_tier]
+        if not base:
+            continue
+        ref = statistics.median(r["value"] for r in base)
+        for r in rs:
+            if r["tier"] != cpu_tier and ref > 0:
+                out.append({"job_type": jt, "params": params, "worker": _label(r), "speedup": r["value"] / ref,
+                            "simulated": r["simulated"]})
+    return out
+
+
+def write_report(records: list[dict], folder: str | Path, title: str = "Cluster benchmark") -> Path:
+    """Write report.md, results.csv and PNG charts for ``records`` into ``folder``."""
+    # Figure objects, not pyplot: no backend switch, so a notebook's inline plots keep working
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = ["job_type", "params", "worker", "tier", "simulated", "device", "device_name", "dtype", "metric", "value",
+              "unit", "time_min", "time_median", "iterations", "check_passed", "check_detail",
+              "transfer_to_device_s", "transfer_to_host_s"]
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in records:
+            w.writerow({**{k: r.get(k, "") for k in fields}, "params": json.dumps(r["params"]),
+                        "check_passed": r["check"]["passed"], "check_detail": r["check"]["detail"]})
+    charts = []
+    by_job = defaultdict(list)
+    for r in records:
+        by_job[r["job_type"]].append(r)
+    sim_note = " (simulated tiers run on the CPU)"
+    for jt, rs in by_job.items():
+        x_param = {"llm_throughput": "context_length", "embed_throughput": "batch_size"}.get(jt)
+        if x_param:
+            # throughput over a swept parameter: one line per worker (and batch size)
+            fig = Figure(figsize=(6.5, 3.2))
+            ax = fig.subplots()
+            lines = defaultdict(list)
+            for r in rs:
+                extra = f", batch {r['params']['batch_size']}" if jt == "llm_throughput" else ""
+                lines[f"{_label(r)}, {r['params']['model']}{extra}"].append((r["params"][x_param], r["value"], r["simulated"]))
+            for label, pts in lines.items():
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if pts[0][2] else "-", label=label)
+            ax.set_xlabel(x_param.replace("_", " ") + (" (tokens in the prompt)" if jt == "llm_throughput" else ""))
+            ax.set_ylabel(rs[0]["unit"])
+            ax.legend(fontsize=6)
+            ax.set_title(jt + (sim_note + ", dashed" if any(r["simulated"] for r in rs) else ""), fontsize=9)
+        else:
+            fig = Figure(figsize=(6.5, 0.8 + 0.45 * len(rs)))
+            ax = fig.subplots()
+            ax.barh(range(len(rs)), [r["value"] for r in rs], color=["#999" if r["simulated"] else "#2a7" for r in rs])
+            ax.set_yticks(range(len(rs)), [_label(r) for r in rs], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(rs[0]["unit"])
+            ax.set_title(f"{jt} ({_params(rs[0])})" + ("\ngrey:" + sim_note if any(r["simulated"] for r in rs) else ""), fontsize=9)
+        fig.tight_layout()
+        name = f"{jt}.png"
+        fig.savefig(folder / name, dpi=90)
+        charts.append(name)
+    curves = [r for r in records if r.get("loss_curve")]
+    if curves:
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        for r in curves:
+            ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], marker="o", label=_label(r))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        ax.set_title("neural_network: loss per epoch")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "loss_curves.png", dpi=90)
+        charts.append("loss_curves.png")
+
+    lines = [f"# {title}", "", time.strftime("%Y-%m-%d %H:%M:%S"), ""]
+    if any(r["simulated"] for r in records):
+        lines += ["Workers marked *simulated* carry a GPU tier on a machine without that GPU: their jobs ran on the CPU.", ""]
+    failed = [r for r in records if not r["check"]["passed"]]
+    lines += [f"{len(records)} results, {len(failed)} failed their own check.", ""]
+    for jt, rs in by_job.items():
+        lines += [f"## {jt}", "", "| worker | device | dtype | parameters | result | median s | check |", "|---|---|---|---|---|---|---|"]
+        for r in rs:
+            extra = ""
+            if jt == "vector_addition" and r["device"] != "cpu":
+                extra = f" (copies: {r['transfer_to_device_s']:.4f} s in, {r['transfer_to_host_s']:.4f} s out)"
+            lines.append(f"| {_label(r)} | {r['device_name']} | {r['dtype']} | {_params(r)} | {r['value']:.1f} {r['unit']}{extra} "
+                         f"| {r['time_median']:.4f} | {'ok' if r['check']['passed'] else 'FAILED'}: {r['check']['detail']} |")
+        lines += ["", f"![{jt}]({jt}.png)", ""]
+    sp = speedups(records)
+    if sp:
+        lines += ["## Speedup over the CPU tier", "", "| job | parameters | worker | speedup |", "|---|---|---|---|"]
+        lines += [f"| {s['job_type']} | {s['params']} | {s['worker']} | {s['speedup']:.2f}x |" for s in sp]
+        lines.append("")
+    if curves:
+        lines += ["## Training loss", "", "![loss](loss_curves.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return folder
+
+
+# -- the seed's job file ---------------------------------------------------------------------
+def _route_for(ai, job: dict):
+    """``prefer_gpu`` jobs go to the GPU tiers (best first), then the CPU tier."""
+    cpu = ai.config.cpu_tier
+    gpu_tiers = [t for t in ai.config.tiers if t != cpu]
+    chain = (gpu_tiers + [cpu]) if job.get("prefer_gpu") else ai.config.fallback_chain(cpu)
+    from cluster import routing
+
+    return routing.resolve(chain, ai.live_tiers(), f"{job.get('job_type')} job")
+
+
+def _job_task(job: dict) -> dict:
+    t = time.perf_counter()
+    rec = bench.run_job(job)
+    rec["processing_time"] = time.perf_counter() - t
+    return rec
+
+
+def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
+             progress: bool = True) -> tuple[list[dict], float]:
+    """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
+    finishes. A bad job is an error line of its own; the others go on. Returns
+    ``(outcomes in input order, wall seconds)``."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    from cluster.routing import NoWorkerForTier
+
+    outcomes: list = [None] * len(jobs)
+    t0 = time.perf_counter()
+    todo = []
+    for i, job in enumerate(jobs):
+        jid = job.get("job_id", job.get("id", i)) if isinstance(job, dict) else i
+        try:
+            bench.validate_job(job)
+            route = _route_for(ai, job)
+        except (bench.BenchJobError, NoWorkerForTier) as e:
+            outcomes[i] = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": str(e)}
+            if on_result:
+                on_result(outcomes[i])
+            continue
+        todo.append((i, jid, job, route))
+    pending = iter(todo)
+    meta = {}
+    ac = as_completed([])
+
+    def submit_next():
+        nxt = next(pending, None)
+        if nxt is not None:
+            i, jid, job, route = nxt
+            f = ai._submit_routed(route, f"{job['job_type']} job {jid}", _job_task, job, kind="bench-job", pure=False)
+            meta[f.key] = (i, jid, job, route)
+            ac.add(f)
+
+    for _ in range(in_flight):
+        submit_next()
+    with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
+        for f in ac:
+            i, jid, job, route = meta.pop(f.key)
+            if f.status == "error":
+                e = f.exception()
+                out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            else:
+                out = {"index": i, "job_id": jid, "job_type": job["job_type"], "status": "completed",
+                       "worker_type": "GPU" if route.tier != ai.config.cpu_tier else "CPU", **f.result()}
+            outcomes[i] = out
+            if on_result:
+                on_result(out)
+            bar.update(1)
+            submit_next()
+    return outcomes, time.perf_counter() - t0
+
+
+def job_stats(outcomes: list[dict], wall: float, cpu_tier: str = "CPU") -> dict:
+    """The seed's statistics: count and avg/min/max time per job_type x tier, jobs per
+    second, GPU-over-CPU speedup per job_type (same parameters only)."""
+    done = [o for o in outcomes if o and o["status"] == "completed"]
+    groups = defaultdict(list)
+    for o in done:
+        groups[(o["job_type"], o["tier"], o["simulated"])].append(o["processing_time"])
+    rows = [{"job_type": jt, "tier": tier, "simulated": sim, "count": len(ts), "avg_s": statistics.mean(ts),
+             "min_s": min(ts), "max_s": max(ts)} for (jt, tier, sim), ts in sorted(groups.items())]
+    by_params = defaultdict(lambda: defaultdict(list))
+    for o in done:
+        by_params[(o["job_type"], json.dumps(o["params"], sort_keys=True))][o["tier"] == cpu_tier].append(o["processing_time"])
+    speed = {}
+    for (jt, _), sides in by_params.items():
+        if sides[True] and sides[False]:
+            speed.setdefault(jt, []).append(statistics.mean(sides[True]) / statistics.mean(sides[False]))
+    return {"completed": len(done), "failed": sum(1 for o in outcomes if o and o["status"] == "failed"),
+            "wall_seconds": wall, "jobs_per_second": len(done) / wall if wall > 0 else None, "by_type_and_tier": rows,
+            "gpu_over_cpu_speedup": {jt: statistics.mean(v) for jt, v in speed.items()},
+            "simulated": any(o["simulated"] for o in done)}
+
+
+def format_stats(stats: dict) -> str:
+    head = ["job_type", "tier", "count", "avg s", "min s", "max s"]
+    body = [[r["job_type"], r["tier"] + (" (simulated)" if r["simulated"] else ""), str(r["count"]), f"{r['avg_s']:.4f}",
+             f"{r['min_s']:.4f}", f"{r['max_s']:.4f}"] for r in stats["by_type_and_tier"]]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    jps = stats["jobs_per_second"]
+    out.append(f"\n{stats['completed']} completed, {stats['failed']} failed in {stats['wall_seconds']:.1f} s"
+               + (f" ({jps:.2f} jobs/s)" if jps else ""))
+    for jt, s in stats["gpu_over_cpu_speedup"].items():
+        out.append(f"GPU over CPU speedup, {jt}: {s:.2f}x" + (" (GPU tiers simulated on the CPU)" if stats["simulated"] else ""))
+    return "\n".join(out)
