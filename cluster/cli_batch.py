@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .jobs import failure
+
 CONFIG_HELP = "config.yaml to use (default: $AICLUSTER_CONFIG, ./config.yaml, the project's)."
 
 
@@ -84,7 +86,8 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, c
 @click.option("--model", default="gemma-270m", show_default=True, help="A generation model from config.yaml.")
 @click.option("--max-tokens", default=128, show_default=True, help="Tokens per answer, unless a line sets max_tokens.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--in-flight", default=8, show_default=True, help="Prompts submitted at once (bounds cluster memory).")
+@click.option("--in-flight", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Prompts submitted at once (bounds cluster memory).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, in_flight, config_path):
     """Generate an answer for every prompt in a JSONL file, writing each as it finishes.
@@ -151,9 +154,10 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                 submit_next(ac)
             for f in ac:
                 job = by_key.pop(f.key)
-                if f.status == "error":
+                err = failure(f)
+                if err is not None:
                     failed += 1
-                    rec = {"id": job["id"], "error": f"{type(f.exception()).__name__}: {f.exception()}"}
+                    rec = {"id": job["id"], "error": f"{type(err).__name__}: {err}"}
                 else:
                     r = f.result()
                     rec = {"id": job["id"], "prompt": job["prompt"], "text": r["text"], "completion_tokens": r["completion_tokens"],
@@ -305,20 +309,25 @@ def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
                                parallel=parallel)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
+    errors = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
     bad = [r for r in records if not r["check"]["passed"]]
     click.echo(f"{len(records)} results; report: {output / 'report.md'}")
+    for e in errors:
+        click.echo(f"  {e['worker']:<10} {e['job_type']:<18} ERROR {e['error']}", err=True)
     for r in records:
         sim = " (simulated)" if r["simulated"] else ""
         click.echo(f"  {r['worker']:<10} {r['tier'] or '-':<7}{sim:<12} {r['job_type']:<18} {r['value']:>10.1f} {r['unit']}")
-    if bad:
-        raise click.ClickException(f"{len(bad)} result(s) failed their own check; see {output / 'report.md'}")
+    if bad or errors:
+        raise click.ClickException(f"{len(bad)} result(s) failed their own check and {len(errors)} job(s) raised an "
+                                   f"error; see {output / 'report.md'}")
 
 
 @click.command("submit")
 @click.argument("jobs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON lines of results (default: JOBS_FILE with .results.jsonl).")
-@click.option("--in-flight", default=4, show_default=True, help="Jobs submitted at once.")
+@click.option("--in-flight", default=4, show_default=True, type=click.IntRange(min=1), help="Jobs submitted at once.")
 @click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def submit_cmd(jobs_file, output, in_flight, address, config_path):

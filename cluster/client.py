@@ -71,14 +71,18 @@ class ClusterStatus(list):
         return out
 
 
+#: one pub/sub topic for every stream (the scheduler keeps a bounded log per topic name,
+#: so a topic per generation would grow without end); messages are (stream id, piece)
+STREAM_TOPIC = "aicluster-stream"
+
+
 class GenerationStream:
     """Text pieces of one generation as they are produced; ``.result()`` gives the final dict."""
 
-    def __init__(self, client: Client, topic: str):
-        self.client, self.topic = client, topic
-        self._q: queue.Queue = queue.Queue()
+    def __init__(self, ai: "AICluster", stream_id: str):
+        self.ai, self.stream_id = ai, stream_id
+        self._q: queue.Queue = ai._open_stream(stream_id)
         self.future: Future | None = None
-        client.subscribe_topic(topic, lambda event: self._q.put(event[1]))
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -95,7 +99,7 @@ class GenerationStream:
                     return
                 yield msg
         finally:
-            self.client.unsubscribe_topic(self.topic)
+            self.ai._streams.pop(self.stream_id, None)
 
     def result(self, timeout=None) -> dict:
         return self.future.result(timeout=timeout)
@@ -111,6 +115,21 @@ class AICluster:
         client.register_plugin(routing.TierGuard())
         client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
+        self._streams: dict[str, queue.Queue] = {}
+        self._subscribed = False
+
+    def _open_stream(self, stream_id: str) -> queue.Queue:
+        if not self._subscribed:
+            self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
+            self._subscribed = True
+        q = self._streams[stream_id] = queue.Queue()
+        return q
+
+    def _on_stream_event(self, event) -> None:
+        stream_id, piece = event[1]
+        q = self._streams.get(stream_id)
+        if q is not None:
+            q.put(piece)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -231,11 +250,13 @@ class AICluster:
         params = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                       stop=stop, seed=seed)
         if stream:
-            topic = f"aicluster-stream-{uuid.uuid4().hex}"
-            s = GenerationStream(self.client, topic)
+            s = GenerationStream(self, uuid.uuid4().hex)
             s.future = self._submit_routed(route, f"generate with {model}", fn, prompts[0], model, spec, params,
-                                           index=None, topic=topic, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+                                           index=None, topic=STREAM_TOPIC, stream_id=s.stream_id, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
             return s
+        if not single and route.workers and len(prompts) > len(route.workers) \
+                and len(self.live_tiers().get(route.tier, [])) > len(route.workers):
+            route = route.spread()  # more prompts than workers holding the model: use the whole tier
         futures = [
             self._submit_routed(route, f"generate with {model}", fn, p, model, spec, params, index=None if single else i,
                                 kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
@@ -421,9 +442,15 @@ def _cancel_on_worker(keys: list, dask_worker=None) -> None:
             host.cancel(k)
 
 
-def _unload_on_worker(model: str, dask_worker=None) -> bool:
+async def _unload_on_worker(model: str, dask_worker=None) -> bool:
+    import asyncio
+
     host = dask_worker.plugins.get(PLUGIN_NAME)
-    return bool(host and host.unload(model))
+    if host is None:
+        return False
+    # in a thread: unload waits for a task that is using the model, and the worker's
+    # event loop (heartbeats) must not wait with it
+    return bool(await asyncio.to_thread(host.unload, model))
 
 
 def _check_texts(value, what: str) -> tuple[list[str], bool]:
@@ -471,8 +498,12 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
         from .local import local_cluster
 
         cluster = local_cluster(cfg, **cluster_kwargs)
-        client = Client(cluster, security=cfg.security_object())
-        client.wait_for_workers(len(cfg.local.workers), timeout=timeout)
+        try:
+            client = Client(cluster, security=cfg.security_object())
+            client.wait_for_workers(len(cfg.local.workers), timeout=timeout)
+        except BaseException:
+            cluster.close()  # do not leave worker processes behind
+            raise
         return AICluster(client, cfg, cluster)
     if cluster_kwargs:
         raise TypeError(f"{', '.join(cluster_kwargs)} only apply to the embedded cluster (address=None)")

@@ -86,12 +86,11 @@ def _cuda_gpus() -> tuple[tuple[GPU, ...], GPUState, str]:
         return (), GPUState.NO_DEVICE, f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees 0 devices"
     gpus = []
     for i in range(n):
+        # device properties only: torch.cuda.mem_get_info would create a CUDA context (a few
+        # hundred MB) on every GPU of the PC in every worker process; free memory comes from
+        # the ModelHost of the worker that uses the GPU
         props = torch.cuda.get_device_properties(i)
-        try:
-            free, _ = torch.cuda.mem_get_info(i)
-        except RuntimeError:
-            free = None
-        gpus.append(GPU(index=i, name=props.name, total_bytes=int(props.total_memory), free_bytes=free))
+        gpus.append(GPU(index=i, name=props.name, total_bytes=int(props.total_memory), free_bytes=None))
     return tuple(gpus), GPUState.AVAILABLE, f"CUDA {torch.version.cuda}"
 
 

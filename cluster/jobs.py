@@ -20,7 +20,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from .routing import ANNOTATION
 
-__all__ = ["JobBoard", "job_rows", "format_jobs", "STATES"]
+__all__ = ["JobBoard", "job_rows", "format_jobs", "STATES", "JobCancelled", "failure"]
 
 #: the board's states, in the order a job goes through them
 STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -45,8 +45,8 @@ class JobBoard(SchedulerPlugin):
         ts = s.tasks.get(key)
         job = self.jobs.get(str(key))
         if job is None:
-            if ts is None or ANNOTATION not in (ts.annotations or {}):
-                return
+            if finish in ("released", "forgotten") or ts is None or ANNOTATION not in (ts.annotations or {}):
+                return  # (a job evicted from the board is not brought back by its last transitions)
             info = ts.annotations[ANNOTATION]
             chain = info.get("chain") or []
             job = self.jobs[str(key)] = {
@@ -99,3 +99,20 @@ def format_jobs(rows: list[dict]) -> str:
         out.append("(no jobs yet)")
     out += [f"  {r['key'][:40]}: {r['error']}" for r in rows if r["state"] == "failed" and r["error"]]
     return "\n".join(out)
+
+
+class JobCancelled(RuntimeError):
+    """A job cancelled (by ``AICluster.cancel``, ``aicluster cancel`` or its client) before it finished."""
+
+
+def failure(future) -> BaseException | None:
+    """Why a completed future has no result (its error, or ``JobCancelled``), or None.
+
+    Loops over ``as_completed`` use this so that one cancelled job is one failed item, not
+    a ``CancelledError`` that ends the whole run.
+    """
+    if future.status == "finished":
+        return None
+    if future.status == "error":
+        return future.exception()
+    return JobCancelled(f"job {future.key} was {future.status}")

@@ -12,7 +12,6 @@ import contextlib
 import gc
 import importlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -77,6 +76,8 @@ class Resident:
     hits: int = 0
     #: backends are not thread-safe (llama.cpp contexts in particular); tasks hold this while they use it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: set (under ``lock``) when the model is unloaded; a task that waited for the lock loads it again
+    closed: bool = False
 
     def info(self) -> dict:
         return {
@@ -162,10 +163,14 @@ class ModelHost(WorkerPlugin):
     @contextlib.contextmanager
     def acquire(self, name: str, spec: ModelConfig | None = None) -> Iterator[Any]:
         """Use model ``name`` exclusively for the duration of the ``with`` block."""
-        res = self.get(name, spec)
-        with res.lock:
-            res.last_used = time.time()
-            yield res.model
+        while True:
+            res = self.get(name, spec)
+            with res.lock:
+                if res.closed:  # unloaded or evicted while this task waited for it
+                    continue
+                res.last_used = time.time()
+                yield res.model
+                return
 
     def get(self, name: str, spec: ModelConfig | None = None) -> Resident:
         """The resident model ``name``, loading it first if needed (one load per model)."""
@@ -214,9 +219,12 @@ class ModelHost(WorkerPlugin):
             res = self._models.pop(name, None)
         if res is None:
             return False
-        close = getattr(res.model, "close", None)
-        if callable(close):
-            close()
+        with res.lock:  # never close a model a task is using: wait for it to finish
+            res.closed = True
+            close = getattr(res.model, "close", None)
+            if callable(close):
+                close()
+            res.model = None
         del res
         gc.collect()
         self._empty_cuda_cache()
@@ -231,7 +239,7 @@ class ModelHost(WorkerPlugin):
             "device": self.device,
             "device_name": a.device_name if a else "cpu",
             "vram_total": a.vram_total if a else None,
-            "vram_used": self._cuda_used(),
+            "vram_used": self._cuda_used_or_none(),
             "memory_kind": "vram" if self.device.startswith("cuda") else "ram",
             "budget": self.budget,
             "used": self.used,
@@ -291,6 +299,11 @@ class ModelHost(WorkerPlugin):
         load = getattr(module, attr)
         if hasattr(module, "prepare"):
             module.prepare()  # heavy imports happen before the memory baseline
+        if self.device.startswith("cuda"):
+            # create the CUDA context first: it costs a few hundred MB that are not the model's
+            import torch
+
+            torch.zeros(1, device=self.device)
         rss0, cuda0 = _rss(), self._cuda_used()
         t0 = time.perf_counter()
         logger.info("loading model %s (%s from %s) on %s", name, spec.backend, spec.source, self.device)
@@ -323,22 +336,24 @@ class ModelHost(WorkerPlugin):
                 logger.exception("preloading model %s failed", n)
 
     def _cuda_used(self) -> int | None:
-        """Bytes in use on this worker's GPU (whole device, via NVML; torch as fallback)."""
+        """Bytes in use on this worker's GPU (the whole device, every process on it).
+
+        ``torch.cuda.mem_get_info`` rather than NVML: NVML numbers GPUs in PCI bus order,
+        CUDA fastest first, so an index can name a different card on a mixed PC.
+        """
         if not self.device.startswith("cuda"):
             return None
-        index = int(self.device.split(":")[1])
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total - free)
+
+    def _cuda_used_or_none(self) -> int | None:
+        # a metric callback that raises drops the whole "aicluster" metric from the heartbeat
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            nvml_index = int(visible.split(",")[index]) if visible else index
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(nvml_index)).used)
-        except Exception:  # NVML missing or a UUID in CUDA_VISIBLE_DEVICES: torch's view
-            import torch
-
-            free, total = torch.cuda.mem_get_info(index)
-            return int(total - free)
+            return self._cuda_used()
+        except Exception:
+            return None
 
     def _empty_cuda_cache(self) -> None:
         if self.device.startswith("cuda"):

@@ -114,6 +114,13 @@ class TierGuard(SchedulerPlugin):
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
 
+    def remove_worker(self, scheduler, worker, *, stimulus_id=None, **kwargs) -> None:
+        # tasks already waiting in no-worker (e.g. for a paused worker that then died) are
+        # not transitioned again by Dask: look at them once more
+        for ts in list(scheduler.unrunnable):
+            if (ts.annotations or {}).get(ANNOTATION, {}).get("chain"):
+                scheduler.loop.add_callback(self._handle, ts.key)
+
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if finish != "no-worker" or self.scheduler is None:
             return
@@ -140,9 +147,12 @@ class TierGuard(SchedulerPlugin):
                     into[r] = into.get(r, 0) + 1
         stimulus_id = f"aicluster-tier-guard-{key}"
         for tier in chain:
-            if paused.get(tier) and not live.get(tier) and tier in (ts.resource_restrictions or {}):
-                # its worker paused under memory pressure: Dask runs the task when it resumes
+            if paused.get(tier) and not live.get(tier):
+                # the tier's worker paused under memory pressure: Dask runs the task when it
+                # resumes; if it dies instead, remove_worker below looks at the task again
                 logger.info("%s waits for a paused worker of tier %s", key, tier)
+                ts.resource_restrictions = {tier: 1}
+                ts.worker_restrictions = None
                 return
             if live.get(tier):
                 logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
@@ -154,6 +164,7 @@ class TierGuard(SchedulerPlugin):
         all_live = sorted({r for ws in s.workers.values() for r in ws.resources})
         exc = NoWorkerForTier(chain, all_live, what)
         logger.warning("failing %s: %s", key, exc)
-        recs = s.transition(key, "erred", stimulus_id, exception=pickle.dumps(exc), cause=key)
+        recs = s.transition(key, "erred", stimulus_id, exception=pickle.dumps(exc), cause=key,
+                            exception_text=f"NoWorkerForTier: {exc}", traceback_text="")
         s.transitions(recs, stimulus_id)
         self.failed += 1

@@ -55,9 +55,15 @@ def assign_tier(inventory: Inventory, config: Config, forced: str = "auto", nthr
     nthreads
         The worker's thread count; a tier with ``slots: 0`` gets one slot per thread.
     """
-    gpu = inventory.best_gpu
+    best = inventory.best_gpu
     injected = inventory.source != "detected"
-    detected = tier_for_vram(gpu.total_bytes, config) if gpu else config.cpu_tier
+    detected = tier_for_vram(best.total_bytes, config) if best else config.cpu_tier
+    gpu = best
+    if forced not in (None, "", "auto") and forced in config.tiers and config.tiers[forced].is_gpu:
+        # a forced tier takes the smallest GPU that meets it, so that a PC with a 3060 and a
+        # 1660 can run a VRAM12 worker on the one and a VRAM6 worker on the other
+        fits = [g for g in inventory.gpus if g.total_bytes >= config.tiers[forced].min_vram]
+        gpu = min(fits, key=lambda g: g.total_bytes) if fits else best
     if forced in (None, "", "auto"):
         tier = detected
         why = f"detected: {gpu.name} with {gpu.total_bytes / 2**30:.1f} GiB" if gpu else f"no usable GPU ({inventory.gpu_state.value})"

@@ -160,3 +160,14 @@ def test_submit_command_writes_lines_and_statistics(ai, tmp_path, env_with_tests
     assert "unknown job_type 'warp_drive'" in r.stderr
     assert "matrix_multiply  VRAM12 (simulated)" in r.stdout and "GPU over CPU speedup, matrix_multiply" in r.stdout
     assert "2 completed, 1 failed" in r.stdout
+
+
+def test_a_job_that_raises_is_an_error_row_and_the_suite_goes_on(tiers, tmp_path, monkeypatch):
+    from workloads import bench_report
+
+    monkeypatch.setitem(bench_report.SUITES, "broken", [("matrix_multiply", {"size": -4, "iterations": 1}),
+                                                       ("vector_addition", {"size": 100, "iterations": 1})])
+    recs = tiers.bench("broken", workers=["cpu"], report=str(tmp_path), progress=False)
+    assert [("error" in r, r["job_type"]) for r in recs] == [(True, "matrix_multiply"), (False, "vector_addition")]
+    md = (tmp_path / "report.md").read_text()
+    assert "1 jobs raised an error" in md and "| matrix_multiply | cpu (CPU) |" in md

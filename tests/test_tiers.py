@@ -103,3 +103,10 @@ def test_detect_reads_injected_gpus(monkeypatch):
     monkeypatch.setenv("AICLUSTER_FAKE_GPUS", "12GB")
     with pytest.raises(ValueError, match="NAME:SIZE"):
         detect()
+
+
+def test_forced_tier_takes_the_smallest_gpu_that_meets_it(cfg):
+    inv = inventory(12, 6)  # a PC with an RTX 3060 (cuda:0) and a GTX 1660 (cuda:1)
+    assert assign_tier(inv, cfg, forced="VRAM6").device == "cuda:1"
+    assert assign_tier(inv, cfg, forced="VRAM12").device == "cuda:0"
+    assert assign_tier(inv, cfg).device == "cuda:0"  # auto: the best GPU

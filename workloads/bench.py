@@ -140,14 +140,22 @@ def _remember(rec: dict, host) -> None:
     key = f"{rec['job_type']}|{rec['device']}|{rec['dtype']}|" + ",".join(f"{k}={v}" for k, v in sorted(rec["params"].items()))
     if host is not None:
         host.bench[rec["job_type"]] = {k: rec[k] for k in ("value", "unit", "metric", "device", "dtype", "timestamp")}
+    from filelock import FileLock
+
     folder = Path(os.environ.get("AICLUSTER_BENCH_DIR", Path.home() / ".cache" / "aicluster" / "bench"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{rec['worker']}.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = {k: v for k, v in rec.items() if k != "loss_curve"}
-        path.write_text(json.dumps(data, indent=1, default=str))
-    except (OSError, ValueError):
+        with FileLock(str(path) + ".lock", timeout=30):  # jobs of one node may finish together
+            try:
+                data = json.loads(path.read_text()) if path.exists() else {}
+            except ValueError:
+                data = {}  # a damaged file is started afresh rather than never updated again
+            data[key] = {k: v for k, v in rec.items() if k != "loss_curve"}
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            os.replace(tmp, path)
+    except OSError:
         pass  # a read-only home must not fail the benchmark
 
 

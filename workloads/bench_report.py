@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from cluster.jobs import failure
+
 from . import bench
 
 __all__ = ["SUITES", "run_suite", "write_report", "run_jobs", "job_stats", "format_stats"]
@@ -46,8 +48,20 @@ SUITES["full"] = SUITES["quick"] + SUITES["models"]
 
 def _bench_task(name: str, kwargs: dict):
     """Run ``workloads.bench.<name>`` on this worker; a list of records."""
-    out = getattr(bench, name)(**kwargs)
+    try:
+        out = getattr(bench, name)(**kwargs)
+    finally:
+        _free_cuda_cache()
     return out if isinstance(out, list) else [out]
+
+
+def _free_cuda_cache() -> None:
+    # benchmark tensors are not models: give their cached GPU memory back
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _targets(ai, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> list[dict]:
@@ -103,17 +117,26 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
         route = ai.route(t["tier"], f"bench {name}").__class__(tier=t["tier"], chain=[t["tier"]], workers=[t["address"]])
         return ai._submit_routed(route, f"bench {name} on {t['name']}", _bench_task, name, kwargs, kind="bench", pure=False)
 
+    def collect(f, t, name):
+        err = failure(f)
+        if err is None:
+            records.extend(f.result())
+        else:  # one failed job is one error row; the rest of the suite goes on
+            records.append({"job_type": name, "worker": t["name"], "tier": t["tier"], "simulated": t["simulated"],
+                            "error": f"{type(err).__name__}: {err}"})
+
     try:
         if parallel:
-            futures = [submit(*j) for j in jobs]
-            for f in futures:
+            futures = [(submit(*j), j) for j in jobs]
+            for f, (t, name, _) in futures:
                 wait(f)
+                collect(f, t, name)
                 bar.update(1)
-            for f in futures:
-                records.extend(f.result())
         else:
-            for j in jobs:
-                records.extend(submit(*j).result())
+            for t, name, kwargs in jobs:
+                f = submit(t, name, kwargs)
+                wait(f)
+                collect(f, t, name)
                 bar.update(1)
     finally:
         bar.close()
@@ -154,6 +177,8 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    errors = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
     fields = ["job_type", "params", "worker", "tier", "simulated", "device", "device_name", "dtype", "metric", "value",
               "unit", "time_min", "time_median", "iterations", "check_passed", "check_detail",
               "transfer_to_device_s", "transfer_to_host_s"]
@@ -215,7 +240,11 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
     if any(r["simulated"] for r in records):
         lines += ["Workers marked *simulated* carry a GPU tier on a machine without that GPU: their jobs ran on the CPU.", ""]
     failed = [r for r in records if not r["check"]["passed"]]
-    lines += [f"{len(records)} results, {len(failed)} failed their own check.", ""]
+    lines += [f"{len(records)} results, {len(failed)} failed their own check, {len(errors)} jobs raised an error.", ""]
+    if errors:
+        lines += ["## Jobs that raised an error", "", "| job | worker | error |", "|---|---|---|"]
+        lines += [f"| {e['job_type']} | {_label(e)} | {e['error']} |" for e in errors]
+        lines.append("")
     for jt, rs in by_job.items():
         lines += [f"## {jt}", "", "| worker | device | dtype | parameters | result | median s | check |", "|---|---|---|---|---|---|---|"]
         for r in rs:
@@ -256,6 +285,8 @@ def _job_task(job: dict) -> dict:
 
 def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
              progress: bool = True) -> tuple[list[dict], float]:
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight <= 0:
+        raise ValueError(f"in_flight must be a positive integer, got {in_flight!r}")
     """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
     finishes. A bad job is an error line of its own; the others go on. Returns
     ``(outcomes in input order, wall seconds)``."""
@@ -295,8 +326,8 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
         for f in ac:
             i, jid, job, route = meta.pop(f.key)
-            if f.status == "error":
-                e = f.exception()
+            e = failure(f)
+            if e is not None:
                 out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
             else:
                 out = {"index": i, "job_id": jid, "job_type": job["job_type"], "status": "completed",

@@ -8,8 +8,8 @@ from .backends import WrongModelKind
 
 
 def generate_task(prompt: str, model: str, spec, params: dict, index: int | None = None,
-                  topic: str | None = None) -> dict:
-    """Generate for one prompt; ``topic`` streams text pieces as worker events."""
+                  topic: str | None = None, stream_id: str | None = None) -> dict:
+    """Generate for one prompt; ``topic`` streams ``(stream_id, piece)`` worker events."""
     host, worker = host_and_worker()
     t0 = time.perf_counter()
     loads_before = host.load_counts.get(model, 0)
@@ -19,7 +19,7 @@ def generate_task(prompt: str, model: str, spec, params: dict, index: int | None
             raise WrongModelKind(f"model {model!r} is an embedding model; it cannot generate text")
         if index is not None:
             m.check_fits(prompt, params["max_tokens"], index)
-        on_token = (lambda piece: worker.log_event(topic, piece)) if topic else None
+        on_token = (lambda piece: worker.log_event(topic, (stream_id, piece))) if topic else None
         key = worker.get_current_task()
         out = m.generate(prompt, on_token=on_token, should_stop=lambda: host.is_cancelled(key), **params)
     if out["finish_reason"] == "cancelled":
@@ -27,7 +27,7 @@ def generate_task(prompt: str, model: str, spec, params: dict, index: int | None
         worker.log_event("aicluster-cancelled", {"key": str(key), "model": model,
                                                  "completion_tokens": out["completion_tokens"]})
     if topic:
-        worker.log_event(topic, None)  # end of stream
+        worker.log_event(topic, (stream_id, None))  # end of stream
     out.update(where(host, worker))
     out.update(model=model, loaded_now=host.load_counts.get(model, 0) > loads_before,
                wait_seconds=acquired - t0, total_seconds=time.perf_counter() - t0)

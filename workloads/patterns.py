@@ -20,7 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .pipeline import PipelineError, StageFailed, compile_pipeline, run_stage
+from cluster.jobs import failure
+
+from .pipeline import StageFailed, compile_pipeline, run_stage
 
 __all__ = ["fan_out", "batch", "FanOutResult", "AGGREGATES"]
 
@@ -133,8 +135,9 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
         by_key = {f.key: n for n, f in futures.items()}
         for f in as_completed(list(futures.values()), timeout=timeout):
             name = by_key[f.key]
-            if f.status == "error":
-                errors[name] = f.exception()
+            err = failure(f)
+            if err is not None:
+                errors[name] = err
                 continue
             out = f.result()
             res.value, res.winner = out["output"], name
@@ -148,8 +151,9 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
             "every branch failed: " + "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in errors.items())))
     wait(list(futures.values()), timeout=timeout)
     for name, f in futures.items():
-        if f.status == "error":
-            raise StageFailed("fan-out", name, f.exception()) from f.exception()
+        err = failure(f)
+        if err is not None:
+            raise StageFailed("fan-out", name, err) from err
     results = ai.client.gather(futures)
     res.outputs = {n: results[n]["output"] for n in names}
     res.workers = {n: results[n]["worker"] for n in names}
@@ -211,12 +215,13 @@ def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True
         for f in ac:
             i = index.pop(f.key)
             live.pop(f.key, None)
-            if f.status == "error":
+            err = failure(f)
+            if err is not None:
                 if errors == "raise":
                     if live:
                         ai.cancel(list(live.values()))
-                    raise StageFailed("batch", f"item {i}", f.exception()) from f.exception()
-                out[i] = f.exception()
+                    raise StageFailed("batch", f"item {i}", err) from err
+                out[i] = err
             else:
                 out[i] = f.result()["output"]
             bar.update(1)

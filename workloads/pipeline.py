@@ -281,6 +281,12 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
                 mt = opts.get("max_tokens", 1)
                 if kind == "generate" and (isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0):
                     problems.append(f"{where}: options.max_tokens must be a positive integer, got {mt!r}")
+                stop = opts.get("stop", [])
+                if kind == "generate" and not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+                    problems.append(f"{where}: options.stop must be a list of strings, e.g. [\"\\n\"], got {stop!r}")
+                for key, typ in (("temperature", (int, float)), ("top_p", (int, float)), ("batch_size", int)):
+                    if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], typ) or opts[key] < 0):
+                        problems.append(f"{where}: options.{key} must be a non-negative number, got {opts[key]!r}")
             needed = "prompt" if kind == "generate" else "texts"
             if needed not in st:
                 problems.append(f"{where}: a {kind} stage needs {needed!r}")
@@ -408,12 +414,12 @@ class PipelineRun:
 
         wait(list(self.futures.values()), timeout=timeout)
         # the first stage (in order) that failed is the cause; later ones failed because of it
+        from cluster.jobs import failure
+
         for name, f in self.futures.items():
-            if f.status == "error":
-                exc = f.exception()
+            exc = failure(f)
+            if exc is not None:
                 raise StageFailed(self.plan.name, name, exc) from exc
-            if f.status == "cancelled":
-                raise StageFailed(self.plan.name, name, RuntimeError("cancelled"))
         results = self.client.gather(self.futures)
         return PipelineResult(self.plan.name, {n: results[n] for n in self.plan.order}, self.output_stage)
 

@@ -5,12 +5,15 @@ All layers go to the GPU on CUDA tiers, none on CPU tiers; the CPU thread count 
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import TextGenerator
 from ._source import resolve_source
+
+logger = logging.getLogger("workloads.backends.llamacpp")
 
 
 class LlamaModel(TextGenerator):
@@ -113,9 +116,19 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Ll
     n_ctx = int(opts.pop("n_ctx", 2048))
     n_threads = int(opts.pop("n_threads", threads))
     gpu = device.startswith("cuda")
+    gpu_opts = {}
+    if gpu:
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            logger.warning("model %s: llama-cpp-python was built without GPU support, so it runs on the CPU of "
+                           "this GPU worker; reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\"", name)
+        # all layers on this worker's GPU only: the default split mode would spread them over
+        # every visible GPU and ignore main_gpu
+        gpu_opts = dict(n_gpu_layers=-1, main_gpu=int(device.split(":")[1]),
+                        split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
     llm = Llama(
         model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-        n_gpu_layers=-1 if gpu else 0, main_gpu=int(device.split(":")[1]) if gpu else 0,
-        verbose=False, **opts,
+        **({"n_gpu_layers": 0} | gpu_opts), verbose=False, **opts,
     )
     return LlamaModel(llm, Path(path), name)
