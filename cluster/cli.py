@@ -166,6 +166,8 @@ async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: b
     from distributed._signals import wait_for_signals
     from distributed.comm import connect
 
+    from .local import ai_worker_environ
+
     cls = Nanny if nanny else Worker
     delay = cfg.worker.reconnect.initial_delay
     attempt = 0
@@ -184,7 +186,8 @@ async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: b
             delay = min(delay * 2, cfg.worker.reconnect.max_delay)
             continue
         try:
-            server = await cls(address, **opts)
+            with ai_worker_environ():
+                server = await cls(address, **opts)
         except Exception as e:  # the scheduler went away between the check and the start
             logger.warning("worker could not join %s (attempt %d: %s); retrying in %.0f s", address, attempt, e, delay)
             await _until(asyncio.sleep(delay), asyncio.shield(signals))

@@ -9,6 +9,7 @@ import importlib
 import logging
 import math
 import queue
+import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -402,6 +403,17 @@ class AICluster:
         return ClusterStatus(worker_rows(self._workers(), self.config.tier_names))
 
     def close(self) -> None:
+        """Disconnect; an embedded cluster is shut down (workers first, then the scheduler)."""
+        if self.cluster is not None and self.client.status == "running":
+            # workers before the scheduler: a worker process whose scheduler vanished first
+            # logs a heartbeat traceback on the way out
+            try:
+                self.cluster.scale(0)
+                deadline = time.monotonic() + 15
+                while self.client.scheduler_info(n_workers=-1)["workers"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            except Exception:  # closing anyway
+                logger.debug("graceful worker shutdown failed", exc_info=True)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()

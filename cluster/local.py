@@ -15,7 +15,7 @@ from distributed import Nanny, Scheduler, SpecCluster, Worker
 
 from .config import Config, load_config
 
-__all__ = ["local_cluster", "worker_spec"]
+__all__ = ["local_cluster", "worker_spec", "ai_worker_environ"]
 
 
 def _config_file(cfg: Config) -> str:
@@ -81,7 +81,22 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
             "security": cfg.security_object(),
         },
     }
-    return SpecCluster(
-        scheduler=scheduler, workers=worker_spec(cfg, processes), asynchronous=asynchronous,
-        security=cfg.security_object(), name="aicluster", **kwargs,
-    )
+    with ai_worker_environ():
+        return SpecCluster(
+            scheduler=scheduler, workers=worker_spec(cfg, processes), asynchronous=asynchronous,
+            security=cfg.security_object(), name="aicluster", **kwargs,
+        )
+
+
+def ai_worker_environ():
+    """Dask config for nannies that start AI workers.
+
+    The nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in each worker by default, to give
+    unmanaged memory back sooner; with torch's many short-lived allocations that makes
+    glibc trim all the time, and sentence-transformers embeds about 30% slower (measured:
+    24.6 s against 17.1 s for 2,000 texts on one thread). Unset, glibc's own adaptive
+    threshold applies. (Read when a Nanny is created, hence a context manager.)
+    """
+    import dask
+
+    return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
