@@ -124,3 +124,18 @@ def test_metrics_reach_the_scheduler(ai):
     assert m["models"]["b"]["bytes"] >= 40_000_000
     assert m["models"]["b"]["backend"] == "tinymodels:load"
     assert m["used"] == m["models"]["b"]["bytes"]
+
+
+def test_models_marked_preload_load_in_the_background_at_worker_start():
+    import time
+
+    data = base_config()
+    data["local"]["workers"] = [{"name": "pre", "tier": "CPU", "nthreads": 1, "memory_limit": "8GB"}]
+    data["models"] = {"warm": {**tiny(5), "preload": True}, "cold": tiny(5)}
+    with connect(data, processes=False, dashboard_port=0) as ai:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "warm" not in state(ai)["resident"]:
+            time.sleep(0.1)
+        s = state(ai)
+        assert s["resident"] == ["warm"]  # without any task asking for it; "cold" waits for one
+        assert s["loads"] == {"warm": 1}
