@@ -113,7 +113,7 @@ class AICluster:
         self.client = client
         self.config = config
         self.cluster = cluster
-        client.register_plugin(routing.TierGuard())
+        client.register_plugin(routing.TierGuard(grace=config.routing.restart_grace))
         client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
         self._streams: dict[str, queue.Queue] = {}

@@ -77,6 +77,7 @@ class ModelConfig(_Strict):
 class RoutingConfig(_Strict):
     fallback: dict[str, list[str]] = Field(default_factory=dict)
     prefer_resident: bool = True
+    restart_grace: float = Field(default=30.0, ge=0)
 
 
 class SchedulerConfig(_Strict):

@@ -5,8 +5,10 @@ Two layers keep a task out of Dask's ``no-worker`` state:
 * the client resolves a tier from the live workers before submitting, and raises
   ``NoWorkerForTier`` at once when nothing can serve it;
 * ``TierGuard``, a scheduler plugin, catches the race where the chosen worker dies or
-  leaves before the task runs: it re-routes the task along its fallback chain, or fails
-  it with the same clear error. Dask itself would leave the task waiting forever.
+  leaves before the task runs: it re-routes the task along its fallback chain, or, when no
+  worker of the chain comes back within ``routing.restart_grace`` seconds (a nanny
+  restarting a crashed worker), fails it with the same clear error. Dask itself would
+  leave the task waiting forever.
 """
 from __future__ import annotations
 
@@ -106,7 +108,10 @@ class TierGuard(SchedulerPlugin):
     name = "aicluster-tier-guard"
     idempotent = True
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 30.0) -> None:
+        #: seconds a task waits for a worker of its tiers to (re)join before it fails: a
+        #: crashed worker's nanny restarts it, and its tasks should run there again
+        self.grace = grace
         self.scheduler = None
         self.rerouted = 0
         self.failed = 0
@@ -129,7 +134,7 @@ class TierGuard(SchedulerPlugin):
             # Transitions must not be started from inside a transition hook.
             self.scheduler.loop.add_callback(self._handle, key)
 
-    def _handle(self, key) -> None:
+    def _handle(self, key, final: bool = False) -> None:
         s = self.scheduler
         ts = s.tasks.get(key)
         if ts is None or ts.state != "no-worker":
@@ -161,6 +166,13 @@ class TierGuard(SchedulerPlugin):
                 s.transitions({key: "processing"}, stimulus_id)
                 self.rerouted += 1
                 return
+        if not final and self.grace > 0:
+            # nothing can run it now; a worker may be restarting (nanny) or rejoining
+            # (aicluster worker): look again after the grace period. A worker that joins
+            # meanwhile gets the task from Dask itself.
+            logger.warning("%s: no live worker for tiers %s; waiting up to %.0f s for one to join", key, chain, self.grace)
+            s.loop.call_later(self.grace, self._handle, key, True)
+            return
         all_live = sorted({r for ws in s.workers.values() for r in ws.resources})
         exc = NoWorkerForTier(chain, all_live, what)
         logger.warning("failing %s: %s", key, exc)

@@ -21,7 +21,7 @@ dashboard.register_page()
 async def setup_scheduler(scheduler, config=None) -> None:
     cfg = load_config(config)
     if TierGuard.name not in scheduler.plugins:
-        scheduler.add_plugin(TierGuard())
+        scheduler.add_plugin(TierGuard(grace=cfg.routing.restart_grace))
     if JobBoard.name not in scheduler.plugins:
         scheduler.add_plugin(JobBoard())
     dashboard.install(scheduler, tiers=cfg.tier_names)

@@ -126,8 +126,9 @@ def test_worker_leaving_mid_job_reroutes_along_the_fallback():
 
 
 def test_worker_leaving_mid_job_without_fallback_fails_with_a_clear_error():
-    ai = connect(config_with([("pc1", "VRAM12"), ("cpu", "CPU")], fallback={"VRAM12": []}),
-                 processes=False, dashboard_port=0)
+    data = config_with([("pc1", "VRAM12"), ("cpu", "CPU")], fallback={"VRAM12": []})
+    data["routing"]["restart_grace"] = 1  # no nanny will bring pc1 back: fail after a second
+    ai = connect(data, processes=False, dashboard_port=0)
     with ai:
         fut = ai.submit(slow_whoami, 1.5, tier="VRAM12")
         deadline = time.monotonic() + 30
