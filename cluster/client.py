@@ -394,8 +394,10 @@ class AICluster:
         items = list(job) if isinstance(job, (list, tuple)) else [job]
         keys = [j.key if isinstance(j, Future) else j for j in items]
         futures = [j if isinstance(j, Future) else Future(j, self.client) for j in items]
-        self.client.run(_cancel_on_worker, keys)  # first the flag, so the loop sees it at once
+        # Dask first: the scheduler forgets the task, so a generation that stops early is not
+        # recorded as done; then the flag that ends the running loop within a token or two
         self.client.cancel(futures, force=True)
+        self.client.run(_cancel_on_worker, keys)
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> ClusterStatus:

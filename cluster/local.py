@@ -7,6 +7,7 @@ simulated and say so.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _config_file(cfg: Config) -> str:
     return f.name
 
 
-def worker_spec(cfg: Config, processes: bool | None = None) -> dict:
+def worker_spec(cfg: Config, processes: bool | None = None, quiet: bool = True) -> dict:
     """SpecCluster worker specs for the ``local.workers`` of ``cfg``."""
     processes = cfg.local.processes if processes is None else processes
     path = _config_file(cfg)
@@ -46,12 +47,15 @@ def worker_spec(cfg: Config, processes: bool | None = None) -> dict:
         if processes:
             # llama.cpp and torch read these; two cores are shared by every worker here
             options["env"] = {"OMP_NUM_THREADS": str(w.nthreads), "MKL_NUM_THREADS": str(w.nthreads)}
+            if quiet:  # as LocalCluster does: the worker processes log warnings and errors only
+                options["silence_logs"] = logging.WARNING
         spec[w.name] = {"cls": Nanny if processes else Worker, "options": options}
     return spec
 
 
 def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | None = None,
-                  processes: bool | None = None, asynchronous: bool = False, **kwargs) -> SpecCluster:
+                  processes: bool | None = None, asynchronous: bool = False, quiet: bool = True,
+                  **kwargs) -> SpecCluster:
     """Start the embedded cluster described by ``config.local``.
 
     Parameters
@@ -65,6 +69,9 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
         is taken; 0: a free port.
     processes
         Override ``local.processes``.
+    quiet
+        Dask's INFO logs (worker starts, plugin registrations, ...) off, warnings and errors
+        on: in a notebook they would bury the output. ``quiet=False`` for debugging.
     """
     cfg = load_config(config)
     if not cfg.local.workers:
@@ -82,8 +89,12 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
         },
     }
     with ai_worker_environ():
+        if quiet:
+            for name in ("distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core",
+                         "distributed.preloading", "distributed.http.proxy", "distributed.deploy"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         return SpecCluster(
-            scheduler=scheduler, workers=worker_spec(cfg, processes), asynchronous=asynchronous,
+            scheduler=scheduler, workers=worker_spec(cfg, processes, quiet), asynchronous=asynchronous,
             security=cfg.security_object(), name="aicluster", **kwargs,
         )
 

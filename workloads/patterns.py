@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from cluster.jobs import failure
 
-from .pipeline import StageFailed, compile_pipeline, run_stage
+from .pipeline import StageFailed, compile_pipeline, route_stage, submit_stage
 
 __all__ = ["fan_out", "batch", "FanOutResult", "AGGREGATES"]
 
@@ -94,23 +94,11 @@ def _submit_branches(ai, value, branches, tag: str) -> tuple[dict, dict]:
     plan = compile_pipeline({"name": tag, "params": {"input": value}, "stages": stages}, ai.config)
     token = uuid.uuid4().hex[:8]
     futures = {}
+    routes = {name: route_stage(ai, sp, f"{tag}: {name}") for name, sp in plan.stages.items()}  # all before any submit
     for name, sp in plan.stages.items():
-        what = f"{tag}: {name}"
-        if sp.kind in ("generate", "embed"):
-            verb = "generate text" if sp.kind == "generate" else "embed texts"
-            from .pipeline import MODEL_BACKENDS
-
-            spec_model, route = ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
-        elif sp.tier:
-            spec_model, route = None, ai.route(sp.tier, what)
-        else:
-            spec_model, route = None, None
+        spec_model, route = routes[name]
         args = (tag, name, sp.kind, sp.spec, sp.fn, plan.params, {}, sp.model, spec_model)
-        key = f"{tag}-{name}-{token}".replace("#", "_")
-        if route is None:
-            futures[name] = ai._submit_anywhere(what, run_stage, *args, kind=tag, key=key)
-        else:
-            futures[name] = ai._submit_routed(route, what, run_stage, *args, kind=tag, key=key)
+        futures[name] = submit_stage(ai, route, f"{tag}: {name}", args, tag, f"{tag}-{name}-{token}".replace("#", "_"))
     return plan, futures
 
 

@@ -428,6 +428,24 @@ class PipelineRun:
 
 
 # -- submitting -----------------------------------------------------------------------------
+def route_stage(ai, sp: StagePlan, what: str):
+    """``(model spec, Route)`` for a stage: a model's tier (or the stage's override), the
+    stage's tier for a function, or ``(None, None)`` for a function that runs anywhere."""
+    if sp.kind in ("generate", "embed"):
+        verb = "generate text" if sp.kind == "generate" else "embed texts"
+        return ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
+    if sp.tier is not None:
+        return None, ai.route(sp.tier, what)
+    return None, None
+
+
+def submit_stage(ai, route, what: str, args: tuple, kind: str, key: str):
+    """Submit ``run_stage(*args)`` along ``route`` (anywhere when it is None)."""
+    if route is None:
+        return ai._submit_anywhere(what, run_stage, *args, kind=kind, key=key)
+    return ai._submit_routed(route, what, run_stage, *args, kind=kind, key=key)
+
+
 def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None) -> PipelineRun:
     """Check ``spec`` and submit its stages to the cluster of ``ai`` (an ``AICluster``).
 
@@ -448,25 +466,14 @@ def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None) -> 
     for name, sp in plan.stages.items():
         what = f"pipeline {plan.name}: {name}"
         try:
-            if sp.kind in ("generate", "embed"):
-                verb = "generate text" if sp.kind == "generate" else "embed texts"
-                spec_model, route = ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
-            elif sp.tier is not None:
-                spec_model, route = None, ai.route(sp.tier, what)
-            else:
-                spec_model, route = None, None
+            routes[name] = (*route_stage(ai, sp, what), what)
         except routing.NoWorkerForTier as e:
             raise PipelineError(plan.name, [f"stage {name!r}: {e}"]) from None
-        routes[name] = (spec_model, route, what)
     token = uuid.uuid4().hex[:8]
     futures: dict = {}
     for name, sp in plan.stages.items():
         spec_model, route, what = routes[name]
         upstream = {d: futures[d] for d in sp.deps}
         args = (plan.name, name, sp.kind, sp.spec, sp.fn, plan.params, upstream, sp.model, spec_model)
-        key = f"{plan.name}-{name}-{token}"
-        if route is None:
-            futures[name] = ai._submit_anywhere(what, run_stage, *args, kind=f"pipeline-{sp.kind}", key=key)
-        else:
-            futures[name] = ai._submit_routed(route, what, run_stage, *args, kind=f"pipeline-{sp.kind}", key=key)
+        futures[name] = submit_stage(ai, route, what, args, f"pipeline-{sp.kind}", f"{plan.name}-{name}-{token}")
     return PipelineRun(plan, futures, ai.client, output)
