@@ -256,7 +256,7 @@ class AICluster:
                                            index=None, topic=STREAM_TOPIC, stream_id=s.stream_id, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
             return s
         if not single and route.workers and len(prompts) > len(route.workers) \
-                and len(self.live_tiers().get(route.tier, [])) > len(route.workers):
+                and len(route.tier_workers) > len(route.workers):
             route = route.spread()  # more prompts than workers holding the model: use the whole tier
         futures = [
             self._submit_routed(route, f"generate with {model}", fn, p, model, spec, params, index=None if single else i,
@@ -296,10 +296,10 @@ class AICluster:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         spec, route = self._model_route(model, EMBED_BACKENDS, "embed texts", tier)
         if chunk_size is None:
-            n_workers = max(1, len(self.live_tiers().get(route.tier, [])))
+            n_workers = max(1, len(route.tier_workers))
             chunk_size = max(16 * batch_size, math.ceil(len(items) / (2 * n_workers)))
         n_parts = math.ceil(len(items) / chunk_size)
-        if route.workers and n_parts > len(route.workers) and len(self.live_tiers().get(route.tier, [])) > len(route.workers):
+        if route.workers and n_parts > len(route.workers) and len(route.tier_workers) > len(route.workers):
             # more chunks than workers holding the model: let every worker of the tier help
             # (each loads the model once); a small job stays where the model lives
             route = route.spread()

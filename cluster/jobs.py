@@ -19,6 +19,7 @@ from collections import OrderedDict
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from .routing import ANNOTATION
+from .status import text_table
 
 __all__ = ["JobBoard", "job_rows", "format_jobs", "STATES", "JobCancelled", "failure"]
 
@@ -92,9 +93,7 @@ def format_jobs(rows: list[dict]) -> str:
         if r["started"]:
             secs = f"{(r['finished'] or time.time()) - r['started']:.2f}"
         body.append([r["key"][:40], r["what"][:40], r["tier"] or "-", r["state"], r["worker"] or "-", secs])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    out = text_table(head, body)
     if not body:
         out.append("(no jobs yet)")
     out += [f"  {r['key'][:40]}: {r['error']}" for r in rows if r["state"] == "failed" and r["error"]]

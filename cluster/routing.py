@@ -68,6 +68,8 @@ class Route:
     chain: list[str]
     workers: list[str] = field(default_factory=list)
     fell_back: bool = False
+    #: the live workers of ``tier`` when the route was resolved
+    tier_workers: list[str] = field(default_factory=list)
 
     def submit_kwargs(self) -> dict:
         # Affinity is a strict ``workers=`` list, never ``allow_other_workers=True``: Dask
@@ -83,7 +85,8 @@ class Route:
 
     def spread(self) -> "Route":
         """The same tier without the preferred workers (all of the tier's workers share the work)."""
-        return Route(tier=self.tier, chain=self.chain, workers=[], fell_back=self.fell_back)
+        return Route(tier=self.tier, chain=self.chain, workers=[], fell_back=self.fell_back,
+                     tier_workers=self.tier_workers)
 
     def annotation(self, what: str, kind: str = "task") -> dict:
         return {ANNOTATION: {"chain": self.chain[self.chain.index(self.tier):], "what": what, "kind": kind}}
@@ -98,7 +101,8 @@ def resolve(chain: list[str], live: dict[str, list[str]], what: str = "this task
     for tier in chain:
         if live.get(tier):
             workers = [w for w in prefer if w in live[tier]]
-            return Route(tier=tier, chain=list(chain), workers=workers, fell_back=tier != chain[0])
+            return Route(tier=tier, chain=list(chain), workers=workers, fell_back=tier != chain[0],
+                         tier_workers=list(live[tier]))
     raise NoWorkerForTier(chain, sorted(live), what)
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dask.utils import format_bytes
 
-__all__ = ["worker_rows", "format_table", "format_models", "format_bench"]
+__all__ = ["text_table", "worker_rows", "format_table", "format_models", "format_bench"]
+
+
+def text_table(head: list[str], body: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: header, rule, rows, columns padded to fit."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
 
 
 def worker_rows(workers: dict, tiers=()) -> list[dict]:
@@ -66,9 +73,7 @@ def format_table(rows: list[dict], models: bool = True) -> str:
             f"{_b(r['used'])} / {_b(r['budget'])} {r['memory_kind'].upper()}" if r["budget"] else "-",
             str(r["running"]),
         ])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    out = text_table(head, body)
     if not body:
         out.append("(no workers connected)")
     if any(r["simulated"] for r in rows):

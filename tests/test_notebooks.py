@@ -26,6 +26,9 @@ def test_notebook_runs(path):
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    # the embedded cluster is quiet: Dask's INFO logs would bury the notebook's own output
+    logs = [l for c in nb.cells for o in c.get("outputs", []) for l in (o.get("text") or "").splitlines() if " - INFO - " in l]
+    assert not logs, logs[:5]
     if path.name == "01_quickstart.ipynb":
         text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                          if o.output_type == "stream")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from cluster.jobs import failure
+from cluster.status import text_table
 
 from . import bench
 
@@ -366,9 +367,7 @@ def format_stats(stats: dict) -> str:
     head = ["job_type", "tier", "count", "avg s", "min s", "max s"]
     body = [[r["job_type"], r["tier"] + (" (simulated)" if r["simulated"] else ""), str(r["count"]), f"{r['avg_s']:.4f}",
              f"{r['min_s']:.4f}", f"{r['max_s']:.4f}"] for r in stats["by_type_and_tier"]]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    out = text_table(head, body)
     jps = stats["jobs_per_second"]
     out.append(f"\n{stats['completed']} completed, {stats['failed']} failed in {stats['wall_seconds']:.1f} s"
                + (f" ({jps:.2f} jobs/s)" if jps else ""))

@@ -390,9 +390,9 @@ class PipelineResult(dict):
         head = ["stage", "tier", "hardware", "worker", "start s", "end s"]
         body = [[k, str(r.get("tier") or "-"), "simulated" if r.get("simulated") else "real", r["worker"],
                  f"{self.spans[k][0]:.2f}", f"{self.spans[k][1]:.2f}"] for k, r in self.stages.items()]
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+        from cluster.status import text_table
+
+        return "\n".join(text_table(head, body))
 
     def __str__(self) -> str:
         return f"pipeline {self.name!r}\n{self.table()}"
