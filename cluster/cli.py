@@ -11,11 +11,12 @@ import sys
 
 import click
 
-from .config import ConfigError, load_config
+from .cli_common import (CONFIG_HELP, checked_address, explain_connect_error, load_cfg, port_in_use, quiet_dask,
+                         scheduler_client)
+from .config import ConfigError
+from .security import bracket_host
 
 logger = logging.getLogger("cluster.cli")
-
-CONFIG_HELP = "config.yaml to use (default: $AICLUSTER_CONFIG, ./config.yaml, the project's)."
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -24,44 +25,19 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("cluster").setLevel(logging.INFO)
 
 
-def quiet_dask() -> None:
-    """Only warnings from Dask here and in worker processes started from here."""
-    import os
-
-    import distributed  # noqa: F401  (sets up its loggers from dask config first)
-
-    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"  # read by each worker process at start
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name.startswith("distributed"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def scheduler_client(address: str, cfg):
-    """A Client of the scheduler at ``address``, or a one-line error that names it."""
-    from distributed import Client
-
-    try:
-        return Client(address, timeout=10, security=cfg.security_object())
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
-
-
-def _config(path):
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-
-
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            # the `with` blocks of the command have closed its cluster on the way here
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="aicluster", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """A Dask cluster for AI work on PCs with unequal GPUs.
 
@@ -78,40 +54,58 @@ def main():
 
 
 @main.command()
+@click.option("--host", default=None,
+              help="Interface to listen on, e.g. 192.168.1.10 (default: scheduler.host in config; empty = every interface).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default: scheduler.port in config, e.g. 8786).")
 @click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default: scheduler.dashboard_port, e.g. 8787).")
-@click.option("--host", default="", help="Interface address to bind (default: all).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def scheduler(port, dashboard_port, host, config_path):
+def scheduler(host, port, dashboard_port, config_path):
     """Run the scheduler (same as `dask scheduler --preload cluster.scheduler`).
 
+    It serves the LAN (every interface) unless --host or scheduler.host names one; without
+    security.tls it prints a warning line, since anyone who can reach the port can run code.
+
     \b
-    Example:
+    Examples:
       aicluster scheduler --port 8786 --dashboard-port 8787
+      aicluster scheduler --host 192.168.1.10     # only the LAN card, not Wi-Fi or VPN
     """
     _setup_logging(True)
-    cfg = _config(config_path)
+    cfg = load_cfg(config_path)
+    import dask
     from distributed import Scheduler
     from distributed._signals import wait_for_signals
 
-    async def run():
-        async with Scheduler(
-            host=host or None, port=cfg.scheduler.port if port is None else port,
-            dashboard_address=f":{cfg.scheduler.dashboard_port if dashboard_port is None else dashboard_port}",
-            preload=["cluster.scheduler"], preload_argv=["--config", cfg.path] if cfg.path else [],
-            security=cfg.security_object(),
-        ) as s:
-            click.echo(f"scheduler at {s.address}  dashboard {_dashboard(s)}", err=True)
-            await _until(s.finished(), wait_for_signals())
+    host = cfg.scheduler.host if host is None else host
+    port = cfg.scheduler.port if port is None else port
+    dport = cfg.scheduler.dashboard_port if dashboard_port is None else dashboard_port
 
-    asyncio.run(run())
+    async def run():
+        with dask.config.set(cfg.dask_settings()):
+            async with Scheduler(
+                host=host or None, port=port, protocol=cfg.scheme,
+                dashboard_address=f"{bracket_host(host)}:{dport}" if host else f":{dport}",
+                preload=["cluster.scheduler"], preload_argv=["--config", cfg.path] if cfg.path else [],
+                security=cfg.security_object(),
+            ) as s:
+                click.echo(f"scheduler at {s.address}  dashboard {_dashboard(s)}", err=True)
+                await _until(s.finished(), wait_for_signals())
+
+    try:
+        asyncio.run(run())
+    except (OSError, RuntimeError) as e:
+        raise click.ClickException(port_in_use(e) or f"the scheduler could not start: {e}") from None
 
 
 def _dashboard(server) -> str:
-    port = server.http_server.port if getattr(server, "http_server", None) else None
-    from distributed.utils import get_ip
+    http = getattr(server, "http_server", None)
+    if http is None:
+        return "(no dashboard)"
+    from distributed.comm import get_address_host
 
-    return f"http://{get_ip()}:{port}/status" if port else "(no dashboard)"
+    # the address others reach the scheduler at (its LAN IP when it listens everywhere)
+    scheme = "https" if getattr(http, "ssl_options", None) else "http"
+    return f"{scheme}://{bracket_host(get_address_host(server.address))}:{http.port}/status"
 
 
 async def _until(*aws) -> None:
@@ -127,10 +121,19 @@ async def _until(*aws) -> None:
 @click.option("--name", default=None, help="Worker name (default: <host>-<tier>-<port>).")
 @click.option("--nthreads", type=int, default=None, help="Threads (default: worker.nthreads in config).")
 @click.option("--memory-limit", default=None, help="Memory limit, e.g. '8GB' (default: worker.memory_limit).")
+@click.option("--host", default=None,
+              help="Interface the worker and its nanny listen on, e.g. 192.168.1.11 (default: worker.host; empty = every interface).")
+@click.option("--listen-address", default=None,
+              help="The worker's full listen address, e.g. tcp://192.168.1.11:9000 (sets --host and --worker-port).")
+@click.option("--worker-port", type=click.IntRange(0, 65535), default=None,
+              help="The worker's port, for a firewall rule (default: worker.port; 0 = any free port).")
+@click.option("--nanny-port", type=click.IntRange(0, 65535), default=None,
+              help="The nanny's port (default: worker.nanny_port; 0 = any free port).")
 @click.option("--no-nanny", is_flag=True, help="Run the worker in this process (no restart on crash).")
 @click.option("--once", is_flag=True, help="Exit when the scheduler goes away instead of reconnecting.")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def worker(address, tier, name, nthreads, memory_limit, no_nanny, once, config_path):
+def worker(address, tier, name, nthreads, memory_limit, host, listen_address, worker_port, nanny_port, no_nanny, once,
+           config_path):
     """Run a worker that joins ADDRESS (default: scheduler.address in config).
 
     Same as `dask worker ADDRESS --preload cluster.worker`, but comes back by itself when
@@ -141,23 +144,48 @@ def worker(address, tier, name, nthreads, memory_limit, no_nanny, once, config_p
     Examples:
       aicluster worker tcp://192.168.1.10:8786              # tier from the GPU found
       aicluster worker tcp://192.168.1.10:8786 --tier CPU   # keep the GPU out of it
+      aicluster worker tls://192.168.1.10:8786 --host 192.168.1.11 --worker-port 9000 --nanny-port 9001
     """
     _setup_logging(True)
-    cfg = _config(config_path)
+    cfg = load_cfg(config_path)
     if tier is not None and tier not in cfg.tiers and tier != "auto":
         raise click.BadParameter(f"{tier!r} is not a tier; known: {', '.join(cfg.tiers)}, auto", param_hint="--tier")
-    address = address or cfg.scheduler.address
+    address = checked_address(address or cfg.scheduler.address, cfg)
+    if listen_address:
+        if host is not None or worker_port is not None:
+            raise click.UsageError("--listen-address sets the host and the worker port; give it or --host/--worker-port")
+        from distributed.comm import parse_host_port
+        from distributed.comm.addressing import parse_address
+
+        try:
+            proto, loc = parse_address(listen_address)
+            host, worker_port = parse_host_port(loc)
+        except ValueError as e:
+            raise click.BadParameter(f"{listen_address!r}: {e} (e.g. tcp://192.168.1.11:9000)",
+                                     param_hint="--listen-address") from None
+    host = cfg.worker.host if host is None else host
+    worker_port = cfg.worker.port if worker_port is None else worker_port
+    nanny_port = cfg.worker.nanny_port if nanny_port is None else nanny_port
     opts = {
         "nthreads": nthreads or cfg.worker.nthreads,
         "preload": ["cluster.worker"],
         "preload_argv": (["--config", cfg.path] if cfg.path else []) + (["--tier", tier] if tier else []),
         "security": cfg.security_object(),
+        "host": host or None,
+        "protocol": cfg.scheme,
     }
+    if no_nanny:
+        opts["port"] = worker_port
+    else:
+        opts["port"], opts["worker_port"] = nanny_port, worker_port
     if name:
         opts["name"] = name
     mem = memory_limit or cfg.worker.memory_limit
     if mem != "auto":
         opts["memory_limit"] = mem
+    import dask
+
+    dask.config.set(cfg.dask_settings())  # the worker's HTTP server (/metrics) over HTTPS with TLS
     asyncio.run(_run_worker(address, cfg, opts, nanny=not no_nanny, once=once))
 
 
@@ -180,8 +208,8 @@ async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: b
             await comm.close()
         except (OSError, asyncio.TimeoutError) as e:
             if once:
-                raise click.ClickException(f"cannot reach the scheduler at {address}: {e}") from None
-            logger.warning("scheduler %s unreachable (attempt %d: %s); retrying in %.0f s", address, attempt, e, delay)
+                raise click.ClickException(f"cannot reach the scheduler at {address}: {explain_connect_error(e)}") from None
+            logger.warning("scheduler %s unreachable (attempt %d: %s); retrying in %.0f s", address, attempt, explain_connect_error(e), delay)
             await _until(asyncio.sleep(delay), asyncio.shield(signals))
             delay = min(delay * 2, cfg.worker.reconnect.max_delay)
             continue
@@ -189,6 +217,9 @@ async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: b
             with ai_worker_environ():
                 server = await cls(address, **opts)
         except Exception as e:  # the scheduler went away between the check and the start
+            busy = port_in_use(e)
+            if busy:
+                raise click.ClickException(busy.replace("--scheduler-port 0 --dashboard-port 0", "--worker-port 0 --nanny-port 0")) from None
             logger.warning("worker could not join %s (attempt %d: %s); retrying in %.0f s", address, attempt, e, delay)
             await _until(asyncio.sleep(delay), asyncio.shield(signals))
             delay = min(delay * 2, cfg.worker.reconnect.max_delay)
@@ -204,35 +235,37 @@ async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: b
 
 
 @main.command()
+@click.option("--host", default=None,
+              help="Interface every process listens on (default: local.host in config, 127.0.0.1: this machine only).")
 @click.option("--scheduler-port", type=int, default=None, help="Scheduler port (default: scheduler.port, e.g. 8786; 0 = any free port).")
 @click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default: scheduler.dashboard_port; 0 = any free port).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def up(scheduler_port, dashboard_port, config_path):
+def up(host, scheduler_port, dashboard_port, config_path):
     """Start the embedded cluster (scheduler + the local: workers) until Ctrl-C.
 
+    Every process listens on 127.0.0.1 unless --host (or local.host) says otherwise.
+
     \b
-    Example:
+    Examples:
       aicluster up --scheduler-port 8786 --dashboard-port 8787
       aicluster status tcp://127.0.0.1:8786      # in another terminal
+      aicluster up --host 192.168.1.10           # reachable from the LAN (use TLS: see README)
     """
     quiet_dask()
-    cfg = _config(config_path)
-    from distributed import Client
+    cfg = load_cfg(config_path)
     from distributed._signals import wait_for_signals
 
-    from .local import local_cluster
-    from .status import format_table, worker_rows
+    from .client import connect
 
     port = cfg.scheduler.port if scheduler_port is None else scheduler_port
     try:
-        cluster = local_cluster(cfg, scheduler_port=port, dashboard_port=dashboard_port)
-    except OSError as e:
-        raise click.ClickException(f"cannot start the scheduler on port {port}: {e}. Is another cluster running? Try --scheduler-port 0.") from None
-    with cluster, Client(cluster) as client:
-        client.wait_for_workers(len(cfg.local.workers), timeout=120)
-        click.echo(f"scheduler: {cluster.scheduler_address}")
-        click.echo(f"dashboard: {client.dashboard_link}")
-        click.echo(format_table(worker_rows(client.scheduler_info(n_workers=-1)["workers"], cfg.tier_names)))
+        ai = connect(cfg, scheduler_port=port, dashboard_port=dashboard_port, host=host, timeout=120)
+    except (OSError, RuntimeError) as e:
+        raise click.ClickException(port_in_use(e) or f"the embedded cluster could not start: {e}") from None
+    with ai:
+        click.echo(f"scheduler: {ai.scheduler_address}")
+        click.echo(f"dashboard: {ai.dashboard_link}")
+        click.echo(str(ai.status()))
         click.echo("running; Ctrl-C to stop", err=True)
         sys.stdout.flush()
         asyncio.run(wait_for_signals())
@@ -249,12 +282,10 @@ def status(address, as_json, config_path):
     Example:
       aicluster status tcp://192.168.1.10:8786
     """
-    cfg = _config(config_path)
-    from distributed import Client
-
+    cfg = load_cfg(config_path)
     from .status import format_table, worker_rows
 
-    address = address or cfg.scheduler.address
+    address = checked_address(address or cfg.scheduler.address, cfg)
     with scheduler_client(address, cfg) as client:
         rows = worker_rows(client.scheduler_info(n_workers=-1)["workers"], cfg.tier_names)
         if as_json:
@@ -275,12 +306,59 @@ def demo(config_path, dashboard_port):
       aicluster demo
     """
     quiet_dask()
-    cfg = _config(config_path)
+    cfg = load_cfg(config_path)
     # the demo is ML code, so it lives in workloads; imported by name (cluster never
     # imports workloads at module level)
     import importlib
 
     importlib.import_module("workloads.demo").run_demo(cfg, dashboard_port=dashboard_port)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--hosts", required=True,
+              help="Comma-separated PCs, each a name or IP, optionally NAME=IP (e.g. pc1=192.168.1.10,pc2,192.168.1.12).")
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True, help="How long the certificates are valid.")
+@click.option("--force", is_flag=True, help="Replace existing certificates of these hosts.")
+def certs(folder, hosts, days, force):
+    """Make a CA and a key pair per PC in FOLDER for `security.tls: true`.
+
+    Writes ca.pem (give it to every PC), ca.key (keep it safe; it signs PCs added later:
+    run the command again with the new host), and <host>.pem / <host>.key per host (copy
+    each pair to its PC). Then prints the config lines to use.
+
+    \b
+    Example:
+      aicluster certs ~/aicluster-certs --hosts pc1=192.168.1.10,pc2=192.168.1.11,pc3
+    """
+    from .security import make_certs
+
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    try:
+        made = make_certs(folder, names, days=days, force=force)
+    except (ValueError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    import os
+
+    folder = os.path.abspath(folder)
+    click.echo(f"CA: {made['ca']} (key: {made['ca_key']}, keep it private)")
+    for name, (cert, key) in made["hosts"].items():
+        click.echo(f"{name}: {cert} {key}")
+    click.echo(f"""
+Put these lines in the config.yaml of every PC, with the folder copied to the same place
+({{hostname}} is replaced by each PC's host name; name the files after the hostnames, or
+write each PC's own file names):
+
+security:
+  tls: true
+  ca_file: {folder}/ca.pem
+  cert_file: {folder}/{{hostname}}.pem
+  key_file: {folder}/{{hostname}}.key
+scheduler:
+  address: tls://SCHEDULER_PC:8786
+
+For a plain `dask worker`: dask worker tls://SCHEDULER_PC:8786 --preload cluster.worker \\
+  --tls-ca-file {folder}/ca.pem --tls-cert {folder}/THIS_PC.pem --tls-key {folder}/THIS_PC.key""")
 
 
 from .cli_batch import bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd, submit_cmd  # noqa: E402

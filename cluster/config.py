@@ -35,9 +35,12 @@ def _size(value: Any) -> int:
         return int(value)
     if isinstance(value, str):
         try:
-            return int(parse_bytes(value.replace(" ", "")))
+            n = int(parse_bytes(value.replace(" ", "")))
         except (ValueError, KeyError):
             raise ValueError(f"expected a size like '12GB' or '500MB', got {value!r}") from None
+        if n < 0:
+            raise ValueError(f"a size cannot be negative, got {value!r}")
+        return n
     raise ValueError(f"expected a size like '12GB', got {value!r}")
 
 
@@ -82,6 +85,7 @@ class RoutingConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     address: str = "tcp://127.0.0.1:8786"
+    host: str = ""
     port: int = Field(default=8786, ge=0, le=65535)
     dashboard_port: int = Field(default=8787, ge=0, le=65535)
 
@@ -93,6 +97,9 @@ class ReconnectConfig(_Strict):
 
 class WorkerConfig(_Strict):
     tier: str = "auto"
+    host: str = ""
+    port: int = Field(default=0, ge=0, le=65535)
+    nanny_port: int = Field(default=0, ge=0, le=65535)
     nthreads: int = Field(default=1, ge=1)
     memory_limit: Union[int, Literal["auto"]] = "auto"
     model_budget: float = Field(default=0.8, gt=0, le=1)
@@ -115,6 +122,7 @@ class LocalWorkerConfig(_Strict):
 
 
 class LocalConfig(_Strict):
+    host: str = "127.0.0.1"
     processes: bool = True
     workers: list[LocalWorkerConfig] = Field(default_factory=list)
 
@@ -164,23 +172,53 @@ class Config(_Strict):
                 f"unknown model {name!r}; models in {self.path or 'the config'}: {known}"
             ) from None
 
+    def security_path(self, key: str) -> str | None:
+        """``security.<key>`` as a path: ``{hostname}`` replaced by this PC's host name (so one
+        config.yaml can name each PC's own certificate), relative to the config file's folder."""
+        value = getattr(self.security, key)
+        if not value:
+            return None
+        import socket
+
+        p = Path(os.path.expanduser(value.replace("{hostname}", socket.gethostname())))
+        if not p.is_absolute() and self.path:
+            p = Path(self.path).resolve().parent / p
+        return str(p)
+
     def security_object(self):
-        """A ``distributed.security.Security`` for this config (None when TLS is off)."""
+        """A ``distributed.security.Security`` for this config (None when TLS is off).
+
+        Mutual TLS: every process presents this PC's certificate and accepts only peers whose
+        certificate the CA signed (Dask does not check host names: the CA is the cluster's own).
+        """
         if not self.security.tls:
             return None
         from distributed.security import Security
 
-        s = self.security
+        ca, cert, key = (self.security_path(k) for k in ("ca_file", "cert_file", "key_file"))
         return Security(
-            tls_ca_file=s.ca_file,
-            tls_client_cert=s.cert_file,
-            tls_client_key=s.key_file,
-            tls_scheduler_cert=s.cert_file,
-            tls_scheduler_key=s.key_file,
-            tls_worker_cert=s.cert_file,
-            tls_worker_key=s.key_file,
+            tls_ca_file=ca,
+            tls_client_cert=cert,
+            tls_client_key=key,
+            tls_scheduler_cert=cert,
+            tls_scheduler_key=key,
+            tls_worker_cert=cert,
+            tls_worker_key=key,
             require_encryption=True,
         )
+
+    def dask_settings(self) -> dict:
+        """Dask config keys this config implies: with TLS, the dashboard (and every worker's
+        HTTP server, ``/metrics`` included) is served over HTTPS with this PC's certificate
+        (server side only: browsers and Prometheus have none); without TLS, plain HTTP."""
+        tls = self.security.tls
+        return {"distributed.scheduler.dashboard.tls.cert": self.security_path("cert_file") if tls else None,
+                "distributed.scheduler.dashboard.tls.key": self.security_path("key_file") if tls else None,
+                "distributed.scheduler.dashboard.tls.ca-file": None}
+
+    @property
+    def scheme(self) -> str:
+        return "tls" if self.security.tls else "tcp"
 
 
 def _check_references(cfg: Config) -> list[str]:
@@ -215,9 +253,15 @@ def _check_references(cfg: Config) -> list[str]:
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(s, key)
             if not value:
-                errors.append(f"security.{key}: needed when security.tls is true")
-            elif not Path(value).exists():
-                errors.append(f"security.{key}: file {value!r} does not exist")
+                errors.append(f"security.{key}: needed when security.tls is true (make them with `aicluster certs`)")
+            elif not Path(cfg.security_path(key)).is_file():
+                errors.append(f"security.{key}: file {cfg.security_path(key)!r} does not exist")
+    from .security import AddressError, check_address
+
+    try:
+        check_address(cfg.scheduler.address, s.tls, cfg.path or "the config", resolve=False)
+    except AddressError as e:
+        errors.append(f"scheduler.address: {e}")
     return errors
 
 
@@ -302,8 +346,14 @@ def load_config(source: str | os.PathLike | dict | Config | None = None) -> Conf
     else:
         path = find_config(source)
         where = str(path)
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

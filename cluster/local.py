@@ -8,13 +8,16 @@ simulated and say so.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
+import dask
 import yaml
 from distributed import Nanny, Scheduler, SpecCluster, Worker
 
 from .config import Config, load_config
+from .security import bracket_host
 
 __all__ = ["local_cluster", "worker_spec", "ai_worker_environ"]
 
@@ -24,21 +27,32 @@ def _config_file(cfg: Config) -> str:
     if cfg.path:
         return cfg.path
     data = cfg.model_dump(exclude={"path"})
+    for key in ("ca_file", "cert_file", "key_file"):  # relative to the caller's folder, not the temp file's
+        if data["security"][key]:
+            data["security"][key] = os.path.abspath(os.path.expanduser(data["security"][key]))
     f = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="aicluster-", delete=False)
     with f:
         yaml.safe_dump(data, f)
     return f.name
 
 
-def worker_spec(cfg: Config, processes: bool | None = None, quiet: bool = True) -> dict:
-    """SpecCluster worker specs for the ``local.workers`` of ``cfg``."""
+def worker_spec(cfg: Config, processes: bool | None = None, quiet: bool = True, host: str | None = None) -> dict:
+    """SpecCluster worker specs for the ``local.workers`` of ``cfg``.
+
+    Every worker (and nanny) listens on ``host`` (default ``local.host``, 127.0.0.1), over
+    ``tls://`` when ``security.tls`` is on.
+    """
     processes = cfg.local.processes if processes is None else processes
+    host = cfg.local.host if host is None else host
     path = _config_file(cfg)
     spec = {}
     for w in cfg.local.workers:
         options = {
             "name": w.name,
             "nthreads": w.nthreads,
+            "host": host,
+            "protocol": cfg.scheme,
+            "security": cfg.security_object(),
             "preload": ["cluster.worker"],
             "preload_argv": ["--config", path, "--tier", w.tier],
         }
@@ -55,7 +69,7 @@ def worker_spec(cfg: Config, processes: bool | None = None, quiet: bool = True) 
 
 def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | None = None,
                   processes: bool | None = None, asynchronous: bool = False, quiet: bool = True,
-                  **kwargs) -> SpecCluster:
+                  host: str | None = None, **kwargs) -> SpecCluster:
     """Start the embedded cluster described by ``config.local``.
 
     Parameters
@@ -72,17 +86,26 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
     quiet
         Dask's INFO logs (worker starts, plugin registrations, ...) off, warnings and errors
         on: in a notebook they would bury the output. ``quiet=False`` for debugging.
+    host
+        The interface every process (scheduler, dashboard, workers, nannies) listens on;
+        default ``local.host`` (127.0.0.1: nothing is reachable from the network).
     """
     cfg = load_config(config)
     if not cfg.local.workers:
         raise ValueError(f"{cfg.path or 'config'}: local.workers is empty; the embedded cluster needs at least one worker")
     if dashboard_port is None:
         dashboard_port = cfg.scheduler.dashboard_port
+    host = cfg.local.host if host is None else host
+    # the dashboard's TLS (and its https:// link) come from Dask's config, read in this
+    # process (scheduler, client) and handed to the worker processes by their nannies
+    dask.config.set(cfg.dask_settings())
     scheduler = {
         "cls": Scheduler,
         "options": {
+            "host": host,
+            "protocol": cfg.scheme,
             "port": scheduler_port,
-            "dashboard_address": f":{dashboard_port}",
+            "dashboard_address": f"{bracket_host(host)}:{dashboard_port}",
             "preload": ["cluster.scheduler"],
             "preload_argv": ["--config", _config_file(cfg)],
             "security": cfg.security_object(),
@@ -94,7 +117,7 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
                          "distributed.preloading", "distributed.http.proxy", "distributed.deploy"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         return SpecCluster(
-            scheduler=scheduler, workers=worker_spec(cfg, processes, quiet), asynchronous=asynchronous,
+            scheduler=scheduler, workers=worker_spec(cfg, processes, quiet, host), asynchronous=asynchronous,
             security=cfg.security_object(), name="aicluster", **kwargs,
         )
 

@@ -12,6 +12,7 @@ from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
 from .routing import TierGuard
+from .security import listen_addresses, warn_if_open
 
 # The dashboard's pages are read while the Scheduler is constructed, before preloads run;
 # a preload module is imported earlier than that, so the page is registered here.
@@ -25,6 +26,7 @@ async def setup_scheduler(scheduler, config=None) -> None:
     if JobBoard.name not in scheduler.plugins:
         scheduler.add_plugin(JobBoard())
     dashboard.install(scheduler, tiers=cfg.tier_names)
+    warn_if_open("the scheduler", listen_addresses(scheduler))
 
 
 @click.command()

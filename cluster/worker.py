@@ -14,6 +14,7 @@ import click
 
 from .config import load_config
 from .devices import detect
+from .security import listen_addresses, warn_if_open
 from .tiers import assign_tier, tier_of_resources
 
 logger = logging.getLogger("cluster.worker")
@@ -23,6 +24,7 @@ TIER_METRIC = "aicluster-tier"
 
 async def setup_worker(worker, config=None, tier: str | None = None, register_host: bool = True):
     """Tag ``worker`` with its tier (see module docstring); returns the TierAssignment."""
+    _leave_ctrl_c_to_the_nanny(worker)
     cfg = load_config(config)
     state = worker.state
     given = tier_of_resources(state.total_resources, cfg.tiers)
@@ -39,6 +41,8 @@ async def setup_worker(worker, config=None, tier: str | None = None, register_ho
     info = {**assignment.to_dict(), "resources": dict(state.total_resources), "config": cfg.path}
     worker.metrics[TIER_METRIC] = lambda w: info
     logger.info("aicluster tier: %s on %s; %s", assignment.label, assignment.device_name, assignment.reason)
+    # the nanny listens on the same interface as its worker
+    warn_if_open("this worker" + (" (and its nanny, on the same interface)" if worker.nanny else ""), listen_addresses(worker))
     if register_host:
         from distributed.protocol import pickle
 
@@ -48,6 +52,17 @@ async def setup_worker(worker, config=None, tier: str | None = None, register_ho
             plugin=pickle.dumps(ModelHost(cfg)), name=PLUGIN_NAME, idempotent=True
         )
     return assignment
+
+
+def _leave_ctrl_c_to_the_nanny(worker) -> None:
+    """A worker process started by a nanny is in the terminal's process group, so Ctrl-C
+    reaches it too, and it died with a KeyboardInterrupt traceback while its nanny was
+    already closing it in order. Under a nanny, the nanny alone handles Ctrl-C."""
+    import signal
+    import threading
+
+    if worker.nanny and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @click.command()

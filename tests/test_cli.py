@@ -4,68 +4,17 @@ AICLUSTER_FAKE_GPUS (the inventory seam), so the tiers they give are simulated."
 from __future__ import annotations
 
 import json
-import os
-import queue
-import threading
 import signal
 import subprocess
-import time
-from contextlib import contextmanager
 
 import pytest
 import yaml
 from distributed import Client
 
 from conftest import BIN, ROOT, base_config, free_port
+from procs import Proc, proc, read_until
 
 pytestmark = pytest.mark.slow
-
-
-class Proc(subprocess.Popen):
-    """A subprocess whose merged output is read by a thread, so waits never block on a pipe."""
-
-    def __init__(self, args, env, **kw):
-        super().__init__([str(BIN / args[0]), *args[1:]], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, **kw)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-
-@contextmanager
-def proc(args, env, **kw):
-    p = Proc(args, env, **kw)
-    try:
-        yield p
-    finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def read_until(p: Proc, needle: str, timeout: float = 90) -> str:
-    """Lines of ``p``'s output up to one containing ``needle`` (fails on timeout or exit)."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = p.lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not seen within {timeout}s (exit {p.poll()}):\n" + "".join(seen[-40:]))
 
 
 def workers_by_name(client):
@@ -161,7 +110,7 @@ def test_aicluster_up_then_status_shows_three_tiers(env_with_tests):
 
 
 @pytest.mark.parametrize("cmd", [[], ["scheduler"], ["worker"], ["up"], ["status"], ["demo"], ["embed"], ["generate"],
-                                 ["pipeline"], ["jobs"], ["cancel"], ["bench"], ["submit"]])
+                                 ["pipeline"], ["jobs"], ["cancel"], ["bench"], ["submit"], ["certs"]])
 def test_help_has_examples(cmd, env_with_tests):
     out = subprocess.run([str(BIN / "aicluster"), *cmd, "--help"], env=env_with_tests, capture_output=True,
                          text=True, timeout=60)
