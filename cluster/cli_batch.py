@@ -7,73 +7,124 @@ from pathlib import Path
 
 import click
 
+from .cli_common import ADDRESS_HELP, CONFIG_HELP, connect_ai as _connect, load_cfg, scheduler_client
+from .files import InputFileError, OutputError, ResultLog, atomic_write, check_writable, content_keys, read_lines
 from .jobs import failure
 
-CONFIG_HELP = "config.yaml to use (default: $AICLUSTER_CONFIG, ./config.yaml, the project's)."
-
-
-def _connect(address, config_path):
-    from .cli import quiet_dask
-    from .client import connect
-
-    quiet_dask()
-    from .config import ConfigError
-
-    try:
-        return connect(config_path, address=address) if address else connect(config_path, dashboard_port=0)
-    except (ConfigError, ConnectionError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 def _fail(e: Exception):
     raise click.ClickException(f"{type(e).__name__}: {e}") from None
 
 
+def _output(path, what: str = "output") -> Path:
+    try:
+        return check_writable(path, what)
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.command("embed")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the vectors (.npy).")
-@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the vectors (NumPy .npy format, under exactly this name).")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--model", default="minilm", show_default=True, help="An embedding model from config.yaml.")
-@click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
-@click.option("--chunk-size", default=512, show_default=True, help="Texts per Dask task (progress advances per chunk).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Texts per forward pass.")
+@click.option("--chunk-size", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Texts per Dask task (progress advances, and an interrupted run resumes, per chunk).")
 @click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
+@click.option("--restart", is_flag=True, help="Ignore the finished chunks of an interrupted run.")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, config_path):
-    """Embed FILE (one text per line) into OUTPUT.npy, rows in line order.
+def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, restart, config_path):
+    """Embed FILE (one UTF-8 text per line) into OUTPUT, rows in line order.
+
+    OUTPUT appears only when every vector is done (written beside it and renamed). Finished
+    chunks are kept in OUTPUT.parts/ meanwhile, so an interrupted run resumes where it stopped.
 
     \b
     Example:
       aicluster embed passages.txt -o passages.npy --address tcp://192.168.1.10:8786
     """
+    import hashlib
+    import shutil
+
     import numpy as np
     from distributed import as_completed
     from tqdm import tqdm
 
-    from .client import _task
+    from .client import _task, precheck
 
-    lines = file.read_text(encoding="utf-8").splitlines()
+    output = _output(output)
+    if output.exists() and output.samefile(file):
+        raise click.ClickException(f"the output {output} is the input file; write the vectors elsewhere")
+    try:
+        lines = read_lines(file)
+    except InputFileError as e:
+        raise click.ClickException(str(e)) from None
     if not lines:
         raise click.ClickException(f"{file} is empty: nothing to embed")
     for i, line in enumerate(lines):
         if not line.strip():
             raise click.ClickException(f"{file}:{i + 1} is an empty line; remove it (every line is one text)")
-    with _connect(address, config_path) as ai:
+    cfg = load_cfg(config_path)
+    try:
+        spec = cfg.model(model)
+        precheck(spec, lines, model, first_index=0)
+    except ValueError as e:
+        where = f"{file}:{e.index + 1}: " if hasattr(e, "index") else ""
+        raise click.ClickException(where + str(e)) from None
+
+    # finished chunks of an interrupted run, valid only for the same input and settings
+    parts = output.with_name(output.name + ".parts")
+    meta = {"input_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "texts": len(lines), "model": model,
+            "normalize": normalize, "chunk_size": chunk_size}
+    done: dict[int, np.ndarray] = {}
+    if parts.is_dir() and not restart:
         try:
-            spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
-            parts = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size], model, spec,
-                                       dict(batch_size=batch_size, normalize=normalize, truncate=False), offset=i, kind="embed")
-                     for i in range(0, len(lines), chunk_size)]
-            done = []
-            with tqdm(total=len(lines), desc="embedding", unit="text") as bar:
-                for f in as_completed(parts):
-                    part = f.result()
-                    done.append(part)
-                    bar.update(part["n"])
-        except Exception as e:
-            _fail(e)
-        done.sort(key=lambda p: p["offset"])
-        arr = np.concatenate([p["embeddings"] for p in done])
-    np.save(output, arr)
+            same = json.loads((parts / "meta.json").read_text()) == meta
+        except (OSError, ValueError):
+            same = False
+        if same:
+            for f in parts.glob("*.npy"):
+                done[int(f.stem)] = np.load(f)
+            click.echo(f"resuming: {sum(len(a) for a in done.values())} of {len(lines)} texts already embedded "
+                       f"(in {parts})")
+        else:
+            click.echo(f"{parts} holds chunks of another input or settings; starting over")
+    if not done:
+        shutil.rmtree(parts, ignore_errors=True)
+
+    def keep(part) -> None:  # a finished chunk, kept until the output is whole
+        if not parts.is_dir():
+            parts.mkdir()
+            with atomic_write(parts / "meta.json", "w") as f:
+                json.dump(meta, f)
+        with atomic_write(parts / f"{part['offset']}.npy") as f:
+            np.save(f, part["embeddings"])
+
+    todo = [i for i in range(0, len(lines), chunk_size) if i not in done]
+    if todo:
+        with _connect(address, config_path) as ai:
+            try:
+                spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
+                futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size], model,
+                                             spec, dict(batch_size=batch_size, normalize=normalize, truncate=False),
+                                             offset=i, kind="embed")
+                           for i in todo]
+                with tqdm(total=len(lines), initial=sum(len(a) for a in done.values()), desc="embedding",
+                          unit="text") as bar:
+                    for f in as_completed(futures):
+                        part = f.result()
+                        keep(part)
+                        done[part["offset"]] = part["embeddings"]
+                        bar.update(part["n"])
+            except Exception as e:
+                _fail(e)
+    arr = np.concatenate([done[i] for i in sorted(done)])
+    with atomic_write(output) as out:
+        np.save(out, arr)
+    shutil.rmtree(parts, ignore_errors=True)
     click.echo(f"wrote {output}: {arr.shape[0]} vectors of {arr.shape[1]} dimensions")
 
 
@@ -81,18 +132,22 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, c
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSONL, one object per line: {"prompt": "...", "id": optional, "max_tokens": optional}.')
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL of results; an existing file is resumed (ids already there are skipped).")
-@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+              help="JSONL of results, one line per answer as it finishes; a run on an existing file resumes it.")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--model", default="gemma-270m", show_default=True, help="A generation model from config.yaml.")
-@click.option("--max-tokens", default=128, show_default=True, help="Tokens per answer, unless a line sets max_tokens.")
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per answer, unless a line sets max_tokens.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--in-flight", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts submitted at once (bounds cluster memory).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, in_flight, config_path):
     """Generate an answer for every prompt in a JSONL file, writing each as it finishes.
 
-    Interrupted runs resume: ids already in OUTPUT are not generated again.
+    Every line is checked before anything runs. A line without an "id" is known by a hash
+    of its prompt (and its occurrence, so duplicates stay distinct), so editing other lines
+    keeps it. A rerun on the same OUTPUT skips the answers already there (an interrupted
+    run resumes); while a run writes OUTPUT, a second one on it stops at once.
 
     \b
     Example:
@@ -101,86 +156,130 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
     from distributed import as_completed
     from tqdm import tqdm
 
-    jobs = []
-    for n, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    from .client import precheck
+
+    output = _output(output)
+    jobs = _read_prompts(prompts_file, max_tokens)
+    cfg = load_cfg(config_path)
+    try:
+        spec = cfg.model(model)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    too_long = []
+    for job in jobs:
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise click.ClickException(f"{prompts_file}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise click.ClickException(f'{prompts_file}:{n}: expected {{"prompt": "<non-empty text>"}}, got {line[:80]}')
-        jobs.append({"id": str(obj.get("id", n)), "prompt": obj["prompt"], "max_tokens": int(obj.get("max_tokens", max_tokens))})
-    ids = [j["id"] for j in jobs]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise click.ClickException(f"{prompts_file}: id {dup!r} appears more than once")
-    done_ids = set()
-    if output.exists():
-        text = output.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            # an interrupted run cut its last line: drop it (it is generated again), so
-            # the next record does not get glued onto it
-            text = text[: text.rfind("\n") + 1]
-            output.write_text(text, encoding="utf-8")
-        for line in text.splitlines():
-            try:
-                done_ids.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # not one of our records
-    todo = [j for j in jobs if j["id"] not in done_ids]
-    if done_ids:
-        click.echo(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} already in {output}")
-    if not todo:
-        click.echo("nothing left to do")
-        return
+            precheck(spec, [job["prompt"]], model, max_tokens=job["max_tokens"])
+        except ValueError as e:
+            too_long.append(f"{prompts_file}:{job['line']} (id {job['id']}): {e}")
+    if too_long:
+        raise click.ClickException(f"{len(too_long)} prompt(s) do not fit, nothing was run:\n  " + "\n  ".join(too_long[:20]))
+    log = ResultLog(output, key="id", fields=("id", "text"), inputs=(prompts_file,))
+    try:
+        log.open()
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
     failed = 0
-    with _connect(address, config_path) as ai, output.open("a", encoding="utf-8") as out, \
-            tqdm(total=len(todo), desc="generating", unit="prompt") as bar:
-        pending = iter(todo)
-        by_key = {}
+    with log:
+        done_ids = log.done_keys()
+        todo = [j for j in jobs if j["id"] not in done_ids]
+        if len(todo) < len(jobs):
+            click.echo(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} already in {output}")
+        if not todo:
+            click.echo("nothing left to do")
+            return
+        with _connect(address, config_path) as ai, tqdm(total=len(todo), desc="generating", unit="prompt") as bar:
+            pending = iter(todo)
+            by_key = {}
 
-        def submit_next(ac):
-            job = next(pending, None)
-            if job is not None:
-                f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"], temperature=temperature)
-                by_key[f.key] = job
-                ac.add(f)
+            def submit_next(ac):
+                job = next(pending, None)
+                if job is not None:
+                    f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"], temperature=temperature)
+                    by_key[f.key] = job
+                    ac.add(f)
 
-        try:
-            ac = as_completed([])
-            for _ in range(in_flight):
-                submit_next(ac)
-            for f in ac:
-                job = by_key.pop(f.key)
-                err = failure(f)
-                if err is not None:
-                    failed += 1
-                    rec = {"id": job["id"], "error": f"{type(err).__name__}: {err}"}
-                else:
-                    r = f.result()
-                    rec = {"id": job["id"], "prompt": job["prompt"], "text": r["text"], "completion_tokens": r["completion_tokens"],
-                           "finish_reason": r["finish_reason"], "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]}
-                if "error" not in rec:
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
-                else:
-                    tqdm.write(f"prompt {job['id']}: {rec['error']}", file=sys.stderr)
-                bar.update(1)
-                submit_next(ac)
-        except Exception as e:
-            _fail(e)
+            try:
+                ac = as_completed([])
+                for _ in range(in_flight):
+                    submit_next(ac)
+                for f in ac:
+                    job = by_key.pop(f.key)
+                    err = failure(f)
+                    if err is not None:
+                        failed += 1
+                        tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): {type(err).__name__}: {err}",
+                                   file=sys.stderr)
+                    else:
+                        r = f.result()
+                        log.write({"id": job["id"], "prompt": job["prompt"], "text": r["text"],
+                                   "completion_tokens": r["completion_tokens"], "finish_reason": r["finish_reason"],
+                                   "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]})
+                    bar.update(1)
+                    submit_next(ac)
+            except Exception as e:
+                _fail(e)
     click.echo(f"wrote {len(todo) - failed} answers to {output}" + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
     if failed:
         raise SystemExit(1)
+
+
+def _read_prompts(path: Path, max_tokens: int) -> list[dict]:
+    """Every line of a prompts JSONL, checked: a list of {id, prompt, max_tokens, line}, or
+    one error that names each bad line (file:line and id)."""
+    try:
+        lines = read_lines(path)
+    except InputFileError as e:
+        raise click.ClickException(str(e)) from None
+    jobs, errors, given = [], [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where}: not JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f'{where}: expected an object {{"prompt": "..."}}, got {line[:60]}')
+            continue
+        if "id" in obj:
+            if isinstance(obj["id"], (dict, list)) or obj["id"] is None or str(obj["id"]).strip() == "":
+                errors.append(f"{where}: id must be a non-empty string or number, got {obj['id']!r}")
+                continue
+            where += f" (id {obj['id']})"
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            errors.append(f'{where}: expected {{"prompt": "<non-empty text>"}}, got {line[:80]}')
+            continue
+        mt = obj.get("max_tokens", max_tokens)
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0:
+            errors.append(f"{where}: max_tokens must be a positive integer, got {mt!r}")
+            continue
+        if "id" in obj:
+            given.setdefault(str(obj["id"]), []).append(n)
+        jobs.append({"id": str(obj["id"]) if "id" in obj else None, "prompt": prompt, "max_tokens": mt, "line": n})
+    for jid, at in given.items():
+        if len(at) > 1:
+            errors.append(f"{path}: id {jid!r} is used on lines {', '.join(map(str, at))}; ids must be unique")
+    if errors:
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise click.ClickException(f"{len(errors)} bad line(s), nothing was run:\n  " + "\n  ".join(errors[:20]) + more)
+    if not jobs:
+        raise click.ClickException(f"{path} has no prompts")
+    # a line without an id is known by its prompt (and occurrence), not by its line number,
+    # which shifts when the file is edited
+    unnamed = [j for j in jobs if j["id"] is None]
+    for j, k in zip(unnamed, content_keys([j["prompt"] for j in unnamed], str)):
+        j["id"] = f"p-{k}"
+    return jobs
 
 
 @click.command("pipeline")
 @click.argument("spec")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
               help="Override a param of the pipeline (repeatable; VALUE is read as YAML, so 3 is a number).")
-@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print every stage's output and placement as JSON.")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def pipeline_cmd(spec, sets, address, as_json, config_path):
@@ -245,12 +344,9 @@ def jobs_cmd(address, state, limit, as_json, config_path):
       aicluster jobs tcp://192.168.1.10:8786
       aicluster jobs tcp://192.168.1.10:8786 --state running --state pending
     """
-    from .cli import scheduler_client
-    from .config import load_config
     from .jobs import format_jobs, job_rows
 
-    cfg = load_config(config_path)
-    address = address or cfg.scheduler.address
+    cfg = load_cfg(config_path)
     with scheduler_client(address, cfg) as client:
         rows = client.run_on_scheduler(job_rows, states=list(state) or None, limit=limit)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_jobs(rows))
@@ -267,9 +363,7 @@ def cancel_cmd(keys, address, config_path):
     Example:
       aicluster cancel generate-gemma-270m-1a2b3c4d5e6f --address tcp://192.168.1.10:8786
     """
-    from .config import load_config
-
-    cfg = load_config(config_path)
+    cfg = load_cfg(config_path)
     with _connect(address or cfg.scheduler.address, config_path) as ai:
         known = {r["key"] for r in ai.jobs()}
         missing = [k for k in keys if k not in known]
@@ -288,7 +382,7 @@ def cancel_cmd(keys, address, config_path):
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: reports/bench-<date>-<time>).")
 @click.option("--parallel", is_flag=True, help="All workers at once (for separate PCs; on one machine they slow each other).")
-@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
     """Benchmark every worker (or chosen tiers / workers) and write a report folder:
@@ -302,7 +396,13 @@ def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
     """
     import time as _time
 
+    from .files import check_writable_dir
+
     output = output or Path("reports") / _time.strftime("bench-%Y%m%d-%H%M%S")
+    try:
+        check_writable_dir(output, "report folder")
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
     with _connect(address, config_path) as ai:
         try:
             records = ai.bench(suite, tiers=list(tiers) or None, workers=list(workers) or None, report=str(output),
@@ -326,11 +426,12 @@ def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
 @click.command("submit")
 @click.argument("jobs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSON lines of results (default: JOBS_FILE with .results.jsonl).")
+              help="JSON lines of results (default: JOBS_FILE with .results.jsonl); a rerun resumes it.")
+@click.option("--force", is_flag=True, help="Discard the results already in OUTPUT and run every job again.")
 @click.option("--in-flight", default=4, show_default=True, type=click.IntRange(min=1), help="Jobs submitted at once.")
-@click.option("--address", default=None, help="Scheduler address (default: start the embedded cluster).")
+@click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def submit_cmd(jobs_file, output, in_flight, address, config_path):
+def submit_cmd(jobs_file, output, force, in_flight, address, config_path):
     """Run a JSON list of benchmark jobs in the GPU job-queue seed's format.
 
     Each job: {"job_type": "matrix_multiply", "size": 1000, "iterations": 10, "prefer_gpu": true}.
@@ -339,29 +440,53 @@ def submit_cmd(jobs_file, output, in_flight, address, config_path):
     others go on. Ends with counts and times per job_type x tier, jobs per second and the
     GPU-over-CPU speedup.
 
+    A rerun with the same OUTPUT skips the jobs it already completed (each job is known by
+    its content) and runs the failed and missing ones; --force starts over.
+
     \b
     Example:
       aicluster submit jobs.json -o results.jsonl --address tcp://192.168.1.10:8786
     """
+    raw = jobs_file.read_bytes()
     try:
-        jobs = json.loads(jobs_file.read_text(encoding="utf-8"))
+        jobs = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise click.ClickException(f"{jobs_file}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise click.ClickException(f"{jobs_file}: not JSON ({e.msg} at line {e.lineno})") from None
+        raise click.ClickException(f"{jobs_file}:{e.lineno}: not JSON ({e.msg})") from None
     if isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list):
         jobs = jobs["jobs"]
     if not isinstance(jobs, list) or not jobs:
         raise click.ClickException(f"{jobs_file}: expected a non-empty JSON list of job objects")
-    output = output or jobs_file.with_suffix(".results.jsonl")
+    output = _output(output or jobs_file.with_suffix(".results.jsonl"))
+    keys = content_keys(jobs, lambda j: json.dumps(j, sort_keys=True))
+    log = ResultLog(output, key="key", fields=("key", "status"), done=lambda r: r["status"] == "completed",
+                    inputs=(jobs_file,))
+    try:
+        log.open(restart=force)
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
     from tqdm import tqdm
 
-    with _connect(address, config_path) as ai, output.open("w", encoding="utf-8") as out:
-        def write(o):
-            out.write(json.dumps(o, default=str) + "\n")
-            out.flush()
-            if o["status"] == "failed":
-                tqdm.write(f"job {o['job_id']}: {o['error']}", file=sys.stderr)
+    with log:
+        done = log.done_keys()
+        todo = [i for i, k in enumerate(keys) if k not in done]
+        if len(todo) < len(jobs):
+            click.echo(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} jobs already completed in {output} "
+                       "(--force runs them all again)")
+        if not todo:
+            click.echo("nothing left to do")
+            return
+        with _connect(address, config_path) as ai:
+            def write(o):
+                i = todo[o["index"]]
+                o = {"key": keys[i], **o, "index": i}
+                log.write(o)
+                if o["status"] == "failed":
+                    tqdm.write(f"job {o['job_id']}: {o['error']}", file=sys.stderr)
 
-        res = ai.run_jobs(jobs, on_result=write, in_flight=in_flight)
+            res = ai.run_jobs([jobs[i] for i in todo], on_result=write, in_flight=in_flight, ids=todo)
     import importlib
 
     format_stats = importlib.import_module("workloads.bench_report").format_stats

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from cluster.files import atomic_write
 from cluster.jobs import failure
 from cluster.status import text_table
 
@@ -183,7 +184,7 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
     fields = ["job_type", "params", "worker", "tier", "simulated", "device", "device_name", "dtype", "metric", "value",
               "unit", "time_min", "time_median", "iterations", "check_passed", "check_detail",
               "transfer_to_device_s", "transfer_to_host_s"]
-    with open(folder / "results.csv", "w", newline="") as f:
+    with atomic_write(folder / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in records:
@@ -221,7 +222,8 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
             ax.set_title(f"{jt} ({_params(rs[0])})" + ("\ngrey:" + sim_note if any(r["simulated"] for r in rs) else ""), fontsize=9)
         fig.tight_layout()
         name = f"{jt}.png"
-        fig.savefig(folder / name, dpi=90)
+        with atomic_write(folder / name) as f:
+            fig.savefig(f, dpi=90, format="png")
         charts.append(name)
     curves = [r for r in records if r.get("loss_curve")]
     if curves:
@@ -234,7 +236,8 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
         ax.set_title("neural_network: loss per epoch")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "loss_curves.png", dpi=90)
+        with atomic_write(folder / "loss_curves.png") as f:
+            fig.savefig(f, dpi=90, format="png")
         charts.append("loss_curves.png")
 
     lines = [f"# {title}", "", time.strftime("%Y-%m-%d %H:%M:%S"), ""]
@@ -262,7 +265,8 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
         lines.append("")
     if curves:
         lines += ["## Training loss", "", "![loss](loss_curves.png)", ""]
-    (folder / "report.md").write_text("\n".join(lines))
+    with atomic_write(folder / "report.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
     return folder
 
 
@@ -285,12 +289,13 @@ def _job_task(job: dict) -> dict:
 
 
 def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
-             progress: bool = True) -> tuple[list[dict], float]:
+             progress: bool = True, ids: list | None = None) -> tuple[list[dict], float]:
+    """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
+    finishes. A bad job is an error line of its own; the others go on. ``ids``: the job_id
+    of jobs that name none (default: their index). Returns ``(outcomes in input order, wall
+    seconds)``."""
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight <= 0:
         raise ValueError(f"in_flight must be a positive integer, got {in_flight!r}")
-    """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
-    finishes. A bad job is an error line of its own; the others go on. Returns
-    ``(outcomes in input order, wall seconds)``."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -300,7 +305,8 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     t0 = time.perf_counter()
     todo = []
     for i, job in enumerate(jobs):
-        jid = job.get("job_id", job.get("id", i)) if isinstance(job, dict) else i
+        default_id = ids[i] if ids is not None else i
+        jid = job.get("job_id", job.get("id", default_id)) if isinstance(job, dict) else default_id
         try:
             bench.validate_job(job)
             route = _route_for(ai, job)
