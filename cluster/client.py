@@ -37,6 +37,13 @@ GENERATE_BACKENDS = ("llamacpp", "transformers")
 EMBED_BACKENDS = ("sentence_transformers",)
 
 
+def precheck(spec, items: list[str], model: str, **kwargs) -> bool:
+    """Inputs over the model's limits are refused here, before anything is submitted, when
+    the model file is on this machine (``workloads.backends.precheck``); otherwise the
+    worker refuses them before it queues the work."""
+    return importlib.import_module("workloads.backends").precheck(spec, items, model, **kwargs)
+
+
 def _task(name: str) -> Callable:
     module, _, attr = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -211,7 +218,7 @@ class AICluster:
         return spec, route
 
     def generate(self, prompt: str | Sequence[str], model: str = "gemma-270m", max_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
                  seed: int | None = None, stream: bool = False,
                  tier: str | None = None) -> Future | list[Future] | GenerationStream:
         """Generate text with ``model`` on its tier; returns a Future (a list for a list of prompts).
@@ -225,7 +232,7 @@ class AICluster:
         temperature, top_p, seed
             Sampling; ``temperature=0`` (default) is greedy and deterministic.
         stop
-            Strings that end generation (not included in the text).
+            A string, or a list of strings, that ends generation (not included in the text).
         stream
             Return a ``GenerationStream`` (single prompt only): iterate it for text pieces.
         tier
@@ -241,12 +248,14 @@ class AICluster:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        stop = list(stop or [])
+        # one string is one stop string (as in OpenAI's API), not a list of its characters
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a list of strings, got {stop!r}")
         if stream and not single:
             raise ValueError("stream=True takes a single prompt")
         spec, route = self._model_route(model, GENERATE_BACKENDS, "generate text", tier)
+        precheck(spec, prompts, model, max_tokens=max_tokens, first_index=None if single else 0)
         fn = _task("generate")
         params = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                       stop=stop, seed=seed)
@@ -295,6 +304,7 @@ class AICluster:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         spec, route = self._model_route(model, EMBED_BACKENDS, "embed texts", tier)
+        precheck(spec, items, model, truncate=truncate, first_index=0)
         if chunk_size is None:
             n_workers = max(1, len(route.tier_workers))
             chunk_size = max(16 * batch_size, math.ceil(len(items) / (2 * n_workers)))
@@ -354,11 +364,12 @@ class AICluster:
             mod.write_report(records, report, title=f"Cluster benchmark ({suite})")
         return records
 
-    def run_jobs(self, jobs: list, on_result=None, in_flight: int = 4, progress: bool = True) -> dict:
+    def run_jobs(self, jobs: list, on_result=None, in_flight: int = 4, progress: bool = True,
+                 ids: list | None = None) -> dict:
         """Run job dicts in the GPU job-queue seed's format; returns ``{"results": [...],
-        "stats": {...}}`` (see workloads/bench_report.py)."""
+        "stats": {...}}`` (see workloads/bench_report.py). ``ids``: job_id of jobs naming none."""
         mod = importlib.import_module("workloads.bench_report")
-        outcomes, wall = mod.run_jobs(self, jobs, on_result=on_result, in_flight=in_flight, progress=progress)
+        outcomes, wall = mod.run_jobs(self, jobs, on_result=on_result, in_flight=in_flight, progress=progress, ids=ids)
         return {"results": outcomes, "stats": mod.job_stats(outcomes, wall, self.config.cpu_tier)}
 
     # -- jobs --------------------------------------------------------------------------------
@@ -407,15 +418,34 @@ class AICluster:
     def close(self) -> None:
         """Disconnect; an embedded cluster is shut down (workers first, then the scheduler)."""
         if self.cluster is not None and self.client.status == "running":
-            # workers before the scheduler: a worker process whose scheduler vanished first
-            # logs a heartbeat traceback on the way out
+            # The embedded cluster goes away on purpose: the TierGuard stops re-routing, and
+            # every task is released, so that no worker leaves with results the scheduler
+            # still wants ("Removing worker ... lose already computed task(s)"). Then workers
+            # before the scheduler: a worker process whose scheduler vanished first logs a
+            # heartbeat traceback on the way out.
+            # A task still running (Ctrl-C in the middle of a job) is abandoned: its worker
+            # would log the cancelled task, and its nanny that it had to kill the busy
+            # process; both are expected here, so those two loggers keep quiet meanwhile.
+            nanny_log = logging.getLogger("distributed.nanny")
+            level = nanny_log.level
             try:
+                self.client.run_on_scheduler(_stand_down)
+                self.client.run(_quiet_shutdown)
+                keys = list(self.client.futures)
+                if keys:
+                    self.client.cancel([Future(k, self.client) for k in keys], force=True)
+                nanny_log.setLevel(logging.ERROR)
                 self.cluster.scale(0)
                 deadline = time.monotonic() + 15
                 while self.client.scheduler_info(n_workers=-1)["workers"] and time.monotonic() < deadline:
                     time.sleep(0.1)
             except Exception:  # closing anyway
                 logger.debug("graceful worker shutdown failed", exc_info=True)
+            finally:
+                self.client.close()
+                self.cluster.close()
+                nanny_log.setLevel(level)
+            return
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
@@ -447,6 +477,16 @@ class JobList(list):
         for r in self:
             out[r["state"]] = out.get(r["state"], 0) + 1
         return out
+
+
+def _stand_down(dask_scheduler=None) -> None:
+    guard = dask_scheduler.plugins.get(routing.TierGuard.name)
+    if guard is not None:
+        guard.closing = True
+
+
+def _quiet_shutdown(dask_worker=None) -> None:
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 
 
 def _cancel_on_worker(keys: list, dask_worker=None) -> None:
@@ -508,7 +548,14 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
     3
     """
     cfg = load_config(config)
+    dask.config.set(cfg.dask_settings())  # dashboard TLS (and https:// links) follow security.tls
     if address is None:
+        _refuse_in_worker_bootstrap()
+        processes = cluster_kwargs.get("processes")
+        if (cfg.local.processes if processes is None else processes):
+            where = _unguarded_main_call()
+            if where:
+                raise RuntimeError(f"{where}: {MAIN_GUARD_HELP}")
         from .local import local_cluster
 
         cluster = local_cluster(cfg, **cluster_kwargs)
@@ -521,6 +568,9 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
         return AICluster(client, cfg, cluster)
     if cluster_kwargs:
         raise TypeError(f"{', '.join(cluster_kwargs)} only apply to the embedded cluster (address=None)")
+    from .security import check_address
+
+    address = check_address(address, cfg.security.tls, cfg.path or "the config")
     try:
         client = Client(address, security=cfg.security_object(), timeout=timeout)
     except OSError as e:
@@ -529,3 +579,53 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
             f"`dask scheduler --preload cluster.scheduler`) running there, and is the port open?"
         ) from None
     return AICluster(client, cfg)
+
+
+MAIN_GUARD_HELP = (
+    "connect() is called at the top level of this script; the embedded cluster starts each worker in a "
+    "new Python process that imports the script, which would call connect() again, without end. Put the "
+    "calls under  if __name__ == \"__main__\":  (see the README, \"From Python and notebooks\")."
+)
+
+
+def _unguarded_main_call() -> str | None:
+    """``"script.py:12"`` when this call comes from the top level of the ``__main__`` script,
+    outside ``if __name__ == "__main__":`` (each worker process would run it again), else None.
+    """
+    import ast
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    path = frame.f_globals.get("__file__") if frame is not None else None
+    if not path or not str(path).endswith(".py"):
+        return None  # a notebook, `python -c`, an interactive session: nothing re-imports them
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    line = frame.f_lineno
+
+    def is_main_guard(node) -> bool:
+        t = node.test
+        return (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq)
+                and {ast.unparse(t.left), ast.unparse(t.comparators[0])} == {"__name__", "'__main__'"})
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and is_main_guard(node) and node.lineno <= line <= (node.end_lineno or line):
+            return None
+    return f"{path}:{line}"
+
+
+def _refuse_in_worker_bootstrap() -> None:
+    """Inside a process that multiprocessing is still starting (it re-imports the parent's
+    script as ``__mp_main__``), starting a cluster would fork processes without end; Python
+    answers with a wall of tracebacks. Say what to do instead, once, and leave."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        import sys
+
+        print(f"aicluster: {MAIN_GUARD_HELP}", file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -119,11 +119,16 @@ class TierGuard(SchedulerPlugin):
         self.scheduler = None
         self.rerouted = 0
         self.failed = 0
+        #: set by ``AICluster.close`` of an embedded cluster: its workers are leaving on
+        #: purpose, so their tasks are neither re-routed nor waited for
+        self.closing = False
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
 
     def remove_worker(self, scheduler, worker, *, stimulus_id=None, **kwargs) -> None:
+        if self.closing:
+            return
         # tasks already waiting in no-worker (e.g. for a paused worker that then died) are
         # not transitioned again by Dask: look at them once more
         for ts in list(scheduler.unrunnable):
@@ -131,7 +136,7 @@ class TierGuard(SchedulerPlugin):
                 scheduler.loop.add_callback(self._handle, ts.key)
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
-        if finish != "no-worker" or self.scheduler is None:
+        if finish != "no-worker" or self.scheduler is None or self.closing:
             return
         ts = self.scheduler.tasks.get(key)
         if ts is not None and (ts.annotations or {}).get(ANNOTATION, {}).get("chain"):
@@ -141,7 +146,7 @@ class TierGuard(SchedulerPlugin):
     def _handle(self, key, final: bool = False) -> None:
         s = self.scheduler
         ts = s.tasks.get(key)
-        if ts is None or ts.state != "no-worker":
+        if ts is None or ts.state != "no-worker" or self.closing:
             return
         info = ts.annotations[ANNOTATION]
         chain, what = list(info["chain"]), info.get("what", str(key))

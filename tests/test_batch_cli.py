@@ -88,3 +88,8 @@ def test_demo_runs_every_tier_and_reports_who_ran_what(env_with_tests):
     assert "gemma-270m" in out.split("5. Which worker ran what")[1] and "minilm" in table
     assert "dashboard: http://" in out and "individual-aicluster-models" in out
     assert out.count("A:") == 3
+    # a quiet, clean shutdown: no re-routing of the workers' tasks as they leave, no lost
+    # results, no warnings or tracebacks (stderr holds the progress bar only)
+    for noise in ("Traceback", "WARNING", "re-routing", "waiting up to", "Removing worker", "lose already computed",
+                  "llama_", "Error"):
+        assert noise not in r.stderr, r.stderr[-3000:]

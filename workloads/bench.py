@@ -71,6 +71,8 @@ def validate_job(job: dict) -> tuple[str, dict, str]:
         if value <= 0:
             raise BenchJobError(f"{jt}: parameter {name!r} must be positive, got {value}")
         params[name] = value
+    if "prefer_gpu" in job and not isinstance(job["prefer_gpu"], bool):
+        raise BenchJobError(f"{jt}: prefer_gpu must be true or false, got {job['prefer_gpu']!r}")
     dtype = job.get("dtype", "float32")
     if dtype not in DTYPES:
         raise BenchJobError(f"{jt}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")

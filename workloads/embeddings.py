@@ -6,12 +6,14 @@ import time
 import numpy as np
 
 from ._host import host_and_worker, where
-from .backends import WrongModelKind
+from .backends import WrongModelKind, precheck
 
 
 def embed_task(texts: list[str], model: str, spec, params: dict, offset: int = 0) -> dict:
     host, worker = host_and_worker()
     t0 = time.perf_counter()
+    # a text longer than the model reads is refused before this task waits for the model
+    precheck(spec, texts, model, truncate=params.get("truncate", False), first_index=offset)
     with host.acquire(model, spec) as m:
         if getattr(m, "kind", "embed") != "embed":
             raise WrongModelKind(f"model {model!r} generates text; it cannot embed")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ._host import host_and_worker, where
-from .backends import WrongModelKind
+from .backends import WrongModelKind, precheck
 
 
 def generate_task(prompt: str, model: str, spec, params: dict, index: int | None = None,
@@ -13,11 +13,14 @@ def generate_task(prompt: str, model: str, spec, params: dict, index: int | None
     host, worker = host_and_worker()
     t0 = time.perf_counter()
     loads_before = host.load_counts.get(model, 0)
+    # a prompt over the context is refused before this task waits for (or loads) the model,
+    # when the model file is here already; otherwise once the model is loaded
+    checked = precheck(spec, [prompt], model, params["max_tokens"], index)
     with host.acquire(model, spec) as m:
         acquired = time.perf_counter()
         if getattr(m, "kind", "generate") != "generate":
             raise WrongModelKind(f"model {model!r} is an embedding model; it cannot generate text")
-        if index is not None:
+        if not checked:
             m.check_fits(prompt, params["max_tokens"], index)
         on_token = (lambda piece: worker.log_event(topic, (stream_id, piece))) if topic else None
         key = worker.get_current_task()

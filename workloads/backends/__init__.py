@@ -6,7 +6,7 @@ Loaded models offer ``nbytes`` (weights held), ``close()``, and either
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "ContextTooLong", "WrongModelKind", "TextGenerator"]
+__all__ = ["InputError", "ContextTooLong", "WrongModelKind", "TextGenerator", "precheck"]
 
 
 class InputError(ValueError):
@@ -56,3 +56,22 @@ class TextGenerator:
         if len(ids) + max_tokens > self.n_ctx:
             raise ContextTooLong(self.name, len(ids), max_tokens, self.n_ctx, index)
         return ids
+
+
+def precheck(spec, items: list[str], name: str, max_tokens: int | None = None, first_index: int | None = None,
+             truncate: bool = False) -> bool:
+    """Check inputs against the model's limits without loading it: prompts against the
+    context (llamacpp), texts against what the embedding model reads (sentence_transformers).
+
+    Raises the backend's ``InputError``; returns False when nothing could be checked here
+    (another backend, or the model file is not on this machine), True otherwise.
+    """
+    if spec.backend == "llamacpp" and max_tokens is not None:
+        from .llamacpp import precheck as check
+
+        return check(spec, items, name, max_tokens, first_index)
+    if spec.backend == "sentence_transformers":
+        from .sentence_transformers import precheck as check
+
+        return check(spec, items, name, truncate, first_index or 0)
+    return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["resolve_source", "SourceError"]
+__all__ = ["resolve_source", "local_path", "SourceError"]
 
 
 class SourceError(FileNotFoundError):
@@ -42,3 +42,25 @@ def resolve_source(source: str) -> Path:
     if not path.exists():
         raise SourceError(f"model source {source!r} does not exist on this worker")
     return path
+
+
+def local_path(source: str) -> Path | None:
+    """The model file or folder of ``source`` if it is already on this machine, else None.
+
+    Never builds anything (a package's ``assemble()`` is left to the worker that loads the
+    model), so a client can look at a model's vocabulary when it happens to be there.
+    """
+    if source.startswith("package:"):
+        try:
+            mod = importlib.import_module(source.removeprefix("package:"))
+        except ImportError:
+            return None
+        if hasattr(mod, "get_model_path"):
+            p = Path(mod.get_model_path())
+        elif hasattr(mod, "default_output_path"):
+            p = Path(mod.default_output_path())
+        else:
+            return None
+    else:
+        p = Path(source).expanduser()
+    return p if p.exists() else None

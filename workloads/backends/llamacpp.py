@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import TextGenerator
-from ._source import resolve_source
+from . import ContextTooLong, TextGenerator
+from ._source import local_path, resolve_source
 
 logger = logging.getLogger("workloads.backends.llamacpp")
 
@@ -103,9 +103,44 @@ class LlamaModel(TextGenerator):
             self.llm = None
 
 
+_log_callback = None
+
+
+def _route_logs() -> None:
+    """llama.cpp's own log goes to the ``llama.cpp`` Python logger. llama-cpp-python's
+    callback prints to stderr with a level table older than ggml's (it takes WARN for ERROR),
+    so every model load printed "using full-size SWA cache" into the user's terminal.
+    llama.cpp warns about its own choices of cache and context sizes, not about the user's
+    input, so its warnings are logged at INFO; its errors at ERROR."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    log = logging.getLogger("llama.cpp")
+    levels = {4: logging.ERROR, 3: logging.INFO, 2: logging.DEBUG, 1: logging.DEBUG}
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        lvl = last[0] if level == 5 else levels.get(level, logging.DEBUG)  # 5: continues the last line
+        last[0] = lvl
+        if log.isEnabledFor(lvl):
+            msg = text.decode("utf-8", errors="replace").rstrip()
+            if msg:
+                log.log(lvl, msg)
+
+    _log_callback = callback  # ctypes keeps only a pointer: the callback must stay alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 def prepare() -> None:
     """Import the library before the host measures memory, so the import is not counted."""
     import llama_cpp  # noqa: F401
+
+    _route_logs()
 
 
 def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
@@ -132,3 +167,40 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Ll
         **({"n_gpu_layers": 0} | gpu_opts), verbose=False, **opts,
     )
     return LlamaModel(llm, Path(path), name)
+
+
+_vocabs: dict = {}
+
+
+def _vocab(path: Path):
+    """The model's vocabulary alone (``vocab_only``: no weights, no context; about 0.5 s),
+    kept for the life of the process. Tokenizing with it gives the ids the full model gives."""
+    key = (str(path), path.stat().st_mtime_ns)
+    v = _vocabs.get(key)
+    if v is None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel as _LowLevelModel
+
+        _route_logs()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        v = _vocabs[key] = _LowLevelModel(path_model=str(path), params=params, verbose=False)
+    return v
+
+
+def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: int | None = None) -> bool:
+    """Refuse (``ContextTooLong``) a prompt that with ``max_tokens`` exceeds the context,
+    before any model work; False when the model file is not on this machine (nothing checked).
+    ``first_index``: the index of ``prompts[0]`` in the caller's list (None: a single prompt)."""
+    path = local_path(spec.source)
+    if path is None or not path.is_file():
+        return False
+    n_ctx = int(spec.options.get("n_ctx", 2048))
+    vocab = _vocab(path)
+    for i, p in enumerate(prompts):
+        if len(p.encode("utf-8")) + 1 + max_tokens <= n_ctx:
+            continue  # every token covers at least one byte (plus BOS): it fits without counting
+        n = len(vocab.tokenize(p.encode("utf-8"), add_bos=True, special=True))
+        if n + max_tokens > n_ctx:
+            raise ContextTooLong(name, n, max_tokens, n_ctx, None if first_index is None else first_index + i)
+    return True
