@@ -14,7 +14,6 @@ import click
 from .cli_common import (CONFIG_HELP, checked_address, explain_connect_error, load_cfg, port_in_use, quiet_dask,
                          scheduler_client)
 from .config import ConfigError
-from .security import bracket_host
 
 logger = logging.getLogger("cluster.cli")
 
@@ -75,6 +74,7 @@ def scheduler(host, port, dashboard_port, config_path):
     import dask
     from distributed import Scheduler
     from distributed._signals import wait_for_signals
+    from distributed.comm.addressing import unparse_host_port
 
     host = cfg.scheduler.host if host is None else host
     port = cfg.scheduler.port if port is None else port
@@ -84,7 +84,7 @@ def scheduler(host, port, dashboard_port, config_path):
         with dask.config.set(cfg.dask_settings()):
             async with Scheduler(
                 host=host or None, port=port, protocol=cfg.scheme,
-                dashboard_address=f"{bracket_host(host)}:{dport}" if host else f":{dport}",
+                dashboard_address=unparse_host_port(host, dport) if host else f":{dport}",
                 preload=["cluster.scheduler"], preload_argv=["--config", cfg.path] if cfg.path else [],
                 security=cfg.security_object(),
             ) as s:
@@ -102,10 +102,11 @@ def _dashboard(server) -> str:
     if http is None:
         return "(no dashboard)"
     from distributed.comm import get_address_host
+    from distributed.comm.addressing import unparse_host_port
 
     # the address others reach the scheduler at (its LAN IP when it listens everywhere)
     scheme = "https" if getattr(http, "ssl_options", None) else "http"
-    return f"{scheme}://{bracket_host(get_address_host(server.address))}:{http.port}/status"
+    return f"{scheme}://{unparse_host_port(get_address_host(server.address), http.port)}/status"
 
 
 async def _until(*aws) -> None:
@@ -161,8 +162,11 @@ def worker(address, tier, name, nthreads, memory_limit, host, listen_address, wo
             proto, loc = parse_address(listen_address)
             host, worker_port = parse_host_port(loc)
         except ValueError as e:
-            raise click.BadParameter(f"{listen_address!r}: {e} (e.g. tcp://192.168.1.11:9000)",
+            raise click.BadParameter(f"{listen_address!r}: {e} (e.g. {cfg.scheme}://192.168.1.11:9000)",
                                      param_hint="--listen-address") from None
+        if proto != cfg.scheme:
+            raise click.BadParameter(f"{listen_address!r}: security.tls is {str(cfg.security.tls).lower()}, so "
+                                     f"workers listen on {cfg.scheme}://", param_hint="--listen-address")
     host = cfg.worker.host if host is None else host
     worker_port = cfg.worker.port if worker_port is None else worker_port
     nanny_port = cfg.worker.nanny_port if nanny_port is None else nanny_port
@@ -185,8 +189,8 @@ def worker(address, tier, name, nthreads, memory_limit, host, listen_address, wo
         opts["memory_limit"] = mem
     import dask
 
-    dask.config.set(cfg.dask_settings())  # the worker's HTTP server (/metrics) over HTTPS with TLS
-    asyncio.run(_run_worker(address, cfg, opts, nanny=not no_nanny, once=once))
+    with dask.config.set(cfg.dask_settings()):  # the worker's HTTP server (/metrics) over HTTPS with TLS
+        asyncio.run(_run_worker(address, cfg, opts, nanny=not no_nanny, once=once))
 
 
 async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: bool = False) -> None:
@@ -289,9 +293,10 @@ def status(address, as_json, config_path):
     with scheduler_client(address, cfg) as client:
         rows = worker_rows(client.scheduler_info(n_workers=-1)["workers"], cfg.tier_names)
         if as_json:
-            click.echo(json.dumps({"scheduler": address, "dashboard": client.dashboard_link, "workers": rows}, indent=2, default=str))
+            click.echo(json.dumps({"scheduler": address, "dashboard": cfg.dashboard_link(client), "workers": rows},
+                                  indent=2, default=str))
         else:
-            click.echo(f"scheduler: {address}   dashboard: {client.dashboard_link}")
+            click.echo(f"scheduler: {address}   dashboard: {cfg.dashboard_link(client)}")
             click.echo(format_table(rows))
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from .cli_common import ADDRESS_HELP, CONFIG_HELP, connect_ai as _connect, load_cfg, scheduler_client
-from .files import InputFileError, OutputError, ResultLog, atomic_write, check_writable, content_keys, read_lines
+from .cli_common import ADDRESS_HELP, CONFIG_HELP, checked_address, connect_ai as _connect, load_cfg, scheduler_client
+from .files import (InputFileError, OutputError, ResultLog, atomic_write, check_writable, content_keys, open_locked,
+                    read_lines)
 from .jobs import failure
 
 
@@ -75,55 +76,66 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
         where = f"{file}:{e.index + 1}: " if hasattr(e, "index") else ""
         raise click.ClickException(where + str(e)) from None
 
-    # finished chunks of an interrupted run, valid only for the same input and settings
+    if address:
+        address = checked_address(address, cfg)  # before anything is written
+    # Finished chunks of an interrupted run wait in OUTPUT.parts/, valid only for the same
+    # input, model and settings (meta.json, which is also the lock of a run on OUTPUT).
     parts = output.with_name(output.name + ".parts")
     meta = {"input_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "texts": len(lines), "model": model,
-            "normalize": normalize, "chunk_size": chunk_size}
+            "source": spec.source, "options": spec.options, "normalize": normalize, "chunk_size": chunk_size}
+    if parts.exists() and not (parts / "meta.json").is_file():
+        raise click.ClickException(f"{parts} exists and is not this command's folder of finished chunks; move it away")
+    parts.mkdir(exist_ok=True)
+    offsets = range(0, len(lines), chunk_size)
     done: dict[int, np.ndarray] = {}
-    if parts.is_dir() and not restart:
+    try:
+        lock = open_locked(parts / "meta.json", what=str(output))
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
+    with lock:
+        lock.seek(0)
         try:
-            same = json.loads((parts / "meta.json").read_text()) == meta
-        except (OSError, ValueError):
+            same = json.loads(lock.read() or b"null") == meta
+        except ValueError:
             same = False
-        if same:
-            for f in parts.glob("*.npy"):
-                done[int(f.stem)] = np.load(f)
-            click.echo(f"resuming: {sum(len(a) for a in done.values())} of {len(lines)} texts already embedded "
-                       f"(in {parts})")
+        chunks = {int(f.stem): f for f in parts.glob("*.npy") if f.stem.isdigit()}
+        if same and not restart:
+            for off, f in chunks.items():
+                if off in offsets:
+                    done[off] = np.load(f)
+            if done:
+                click.echo(f"resuming: {sum(len(a) for a in done.values())} of {len(lines)} texts already embedded "
+                           f"(in {parts})")
         else:
-            click.echo(f"{parts} holds chunks of another input or settings; starting over")
-    if not done:
-        shutil.rmtree(parts, ignore_errors=True)
-
-    def keep(part) -> None:  # a finished chunk, kept until the output is whole
-        if not parts.is_dir():
-            parts.mkdir()
-            with atomic_write(parts / "meta.json", "w") as f:
-                json.dump(meta, f)
-        with atomic_write(parts / f"{part['offset']}.npy") as f:
-            np.save(f, part["embeddings"])
-
-    todo = [i for i in range(0, len(lines), chunk_size) if i not in done]
-    if todo:
-        with _connect(address, config_path) as ai:
-            try:
-                spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
-                futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size], model,
-                                             spec, dict(batch_size=batch_size, normalize=normalize, truncate=False),
-                                             offset=i, kind="embed")
-                           for i in todo]
-                with tqdm(total=len(lines), initial=sum(len(a) for a in done.values()), desc="embedding",
-                          unit="text") as bar:
-                    for f in as_completed(futures):
-                        part = f.result()
-                        keep(part)
-                        done[part["offset"]] = part["embeddings"]
-                        bar.update(part["n"])
-            except Exception as e:
-                _fail(e)
-    arr = np.concatenate([done[i] for i in sorted(done)])
-    with atomic_write(output) as out:
-        np.save(out, arr)
+            if chunks:
+                click.echo(f"{parts} holds chunks of another input or settings; starting over")
+            for f in chunks.values():
+                f.unlink()
+            lock.truncate(0)
+            lock.write(json.dumps(meta).encode())
+            lock.flush()
+        todo = [i for i in offsets if i not in done]
+        if todo:
+            with _connect(address, config_path) as ai:
+                try:
+                    spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
+                    futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size],
+                                                 model, spec, dict(batch_size=batch_size, normalize=normalize,
+                                                                   truncate=False), offset=i, kind="embed")
+                               for i in todo]
+                    with tqdm(total=len(lines), initial=sum(len(a) for a in done.values()), desc="embedding",
+                              unit="text") as bar:
+                        for f in as_completed(futures):
+                            part = f.result()
+                            with atomic_write(parts / f"{part['offset']}.npy") as out:
+                                np.save(out, part["embeddings"])  # kept until the output is whole
+                            done[part["offset"]] = part["embeddings"]
+                            bar.update(part["n"])
+                except Exception as e:
+                    _fail(e)
+        arr = np.concatenate([done[i] for i in sorted(done)])
+        with atomic_write(output) as out:
+            np.save(out, arr)
     shutil.rmtree(parts, ignore_errors=True)
     click.echo(f"wrote {output}: {arr.shape[0]} vectors of {arr.shape[1]} dimensions")
 
@@ -181,6 +193,21 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
     failed = 0
     with log:
         done_ids = log.done_keys()
+        # an answer made from another prompt or with other settings is not this job's answer
+        changed = []
+        for j in jobs:
+            rec = log.records.get(j["id"])
+            if rec is None:
+                continue
+            now = {"prompt": j["prompt"], "model": model, "max_tokens": j["max_tokens"], "temperature": temperature}
+            diff = [k for k, v in now.items() if k in rec and rec[k] != v]
+            if diff:
+                changed.append(f"{prompts_file}:{j['line']} (id {j['id']}): "
+                               + ", ".join(f"{k} {rec[k]!r}, now {now[k]!r}" for k in diff))
+        if changed:
+            raise click.ClickException(
+                f"{output} holds {len(changed)} answer(s) made from another prompt or with other settings; write to "
+                "another file, or delete those lines from it:\n  " + "\n  ".join(changed[:10]))
         todo = [j for j in jobs if j["id"] not in done_ids]
         if len(todo) < len(jobs):
             click.echo(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} already in {output}")
@@ -213,6 +240,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                         r = f.result()
                         log.write({"id": job["id"], "prompt": job["prompt"], "text": r["text"],
                                    "completion_tokens": r["completion_tokens"], "finish_reason": r["finish_reason"],
+                                   "model": model, "max_tokens": job["max_tokens"], "temperature": temperature,
                                    "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]})
                     bar.update(1)
                     submit_next(ac)

@@ -50,9 +50,6 @@ def scheduler_client(address: str | None, cfg):
     from distributed import Client
 
     address = checked_address(address or cfg.scheduler.address, cfg)
-    import dask
-
-    dask.config.set(cfg.dask_settings())  # https:// dashboard links with TLS
     try:
         return Client(address, timeout=10, security=cfg.security_object())
     except OSError as e:

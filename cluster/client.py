@@ -142,7 +142,7 @@ class AICluster:
     # -- plumbing ----------------------------------------------------------------------------
     @property
     def dashboard_link(self) -> str:
-        return self.client.dashboard_link
+        return self.config.dashboard_link(self.client)
 
     @property
     def scheduler_address(self) -> str:
@@ -548,7 +548,6 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
     3
     """
     cfg = load_config(config)
-    dask.config.set(cfg.dask_settings())  # dashboard TLS (and https:// links) follow security.tls
     if address is None:
         _refuse_in_worker_bootstrap()
         processes = cluster_kwargs.get("processes")

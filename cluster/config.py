@@ -210,11 +210,22 @@ class Config(_Strict):
     def dask_settings(self) -> dict:
         """Dask config keys this config implies: with TLS, the dashboard (and every worker's
         HTTP server, ``/metrics`` included) is served over HTTPS with this PC's certificate
-        (server side only: browsers and Prometheus have none); without TLS, plain HTTP."""
-        tls = self.security.tls
-        return {"distributed.scheduler.dashboard.tls.cert": self.security_path("cert_file") if tls else None,
-                "distributed.scheduler.dashboard.tls.key": self.security_path("key_file") if tls else None,
+        (server side only: browsers and Prometheus have none). Apply them with
+        ``dask.config.set(...)`` as a context around building servers."""
+        if not self.security.tls:
+            return {}
+        return {"distributed.scheduler.dashboard.tls.cert": self.security_path("cert_file"),
+                "distributed.scheduler.dashboard.tls.key": self.security_path("key_file"),
                 "distributed.scheduler.dashboard.tls.ca-file": None}
+
+    def dashboard_link(self, client) -> str:
+        """``client.dashboard_link`` with the scheme this config serves it with (Dask derives
+        the scheme from its global config, which these settings only change while a cluster
+        or worker is being built)."""
+        link = client.dashboard_link
+        if self.security.tls and link.startswith("http://"):
+            link = "https://" + link.removeprefix("http://")
+        return link
 
     @property
     def scheme(self) -> str:

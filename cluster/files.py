@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-__all__ = ["OutputError", "check_writable", "atomic_write", "read_lines", "ResultLog", "content_keys"]
+__all__ = ["OutputError", "check_writable", "atomic_write", "read_lines", "ResultLog", "content_keys", "open_locked"]
 
 
 class OutputError(ValueError):
@@ -56,23 +56,32 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
     return path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # there is no way to read it without setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", private: bool = False, **open_kwargs) -> Iterator[IO]:
     """A file object whose content replaces ``path`` in one step when the block ends
-    without an error; on an error the temporary file is removed and ``path`` is untouched."""
+    without an error; on an error the temporary file is removed and ``path`` is untouched.
+
+    The new file keeps the permissions of the file it replaces (or gets the usual ones);
+    ``private``: readable by its owner only, from the first byte (keys).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
+    try:  # mkstemp creates the file 0600
+        if not private:
+            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():  # keep the permissions a user gave the old file
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -112,33 +121,26 @@ def content_keys(items: list, key_of: Callable[[object], str]) -> list[str]:
     return keys
 
 
-class _Lock:
-    """An exclusive lock on an open file, held while the process lives (released at exit
-    or crash by the OS). ``filelock`` would need a side file: its lock file is opened with
-    O_TRUNC, so it cannot lock the output itself."""
-
-    def __init__(self, f: IO, path: Path):
-        self.f, self.path = f, path
-
-    def acquire(self) -> None:
+def open_locked(path: Path, what: str | None = None) -> IO:
+    """``path`` opened for reading and appending (created if missing) under an exclusive
+    lock, held until the file is closed or the process ends (the OS releases it on a crash
+    too); ``OutputError`` when another run holds it. ``filelock`` would need a side file:
+    its lock file is opened with O_TRUNC, so it cannot lock an output itself."""
+    f = open(path, "a+b")
+    try:
         if sys.platform == "win32":  # pragma: no cover - not this project's CI
             import msvcrt
 
-            try:
-                msvcrt.locking(self.f.fileno(), msvcrt.LK_NBLCK, 1)
-            except OSError:
-                raise OutputError(self._busy()) from None
-            return
-        import fcntl
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
 
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(self._busy()) from None
-
-    def _busy(self) -> str:
-        return (f"{self.path} is being written by another run (it holds the file's lock); wait for it to finish, "
-                "or write to another file")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OutputError(f"{what or path} is being written by another run (it holds the file's lock); wait for it "
+                          "to finish, or write to another file") from None
+    return f
 
 
 class ResultLog:
@@ -173,15 +175,13 @@ class ResultLog:
     def open(self, restart: bool = False) -> "ResultLog":
         """Lock the file, read what it holds (checking that it is this command's), and
         leave it open for appending. ``restart``: drop earlier records first."""
-        self.f = open(self.path, "a+b")
+        self.f = open_locked(self.path)
         try:
-            _Lock(self.f, self.path).acquire()
             self.f.seek(0)
-            data = self.f.read()
+            self._read(self.f.read())  # a file that is not ours is refused, --force or not
             if restart:
                 self.f.truncate(0)
-                data = b""
-            self._read(data)
+                self.records.clear()
         except BaseException:
             self.f.close()
             self.f = None
@@ -218,7 +218,13 @@ class ResultLog:
     def _looks_cut(self, tail: bytes) -> bool:
         """The start of one of this log's records (they begin with their key field) that
         is not valid JSON: the remains of a write that a crash interrupted."""
-        return tail.startswith(b'{"' + self.key.encode() + b'": ')
+        if not tail.startswith(b'{"' + self.key.encode() + b'": '):
+            return False
+        try:
+            json.loads(tail)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return True
+        return False  # whole JSON, but not one of our records: not ours to cut
 
     def _record(self, raw: bytes) -> dict | None:
         try:

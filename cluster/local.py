@@ -15,9 +15,9 @@ from pathlib import Path
 import dask
 import yaml
 from distributed import Nanny, Scheduler, SpecCluster, Worker
+from distributed.comm.addressing import unparse_host_port
 
 from .config import Config, load_config
-from .security import bracket_host
 
 __all__ = ["local_cluster", "worker_spec", "ai_worker_environ"]
 
@@ -96,22 +96,21 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
     if dashboard_port is None:
         dashboard_port = cfg.scheduler.dashboard_port
     host = cfg.local.host if host is None else host
-    # the dashboard's TLS (and its https:// link) come from Dask's config, read in this
-    # process (scheduler, client) and handed to the worker processes by their nannies
-    dask.config.set(cfg.dask_settings())
     scheduler = {
         "cls": Scheduler,
         "options": {
             "host": host,
             "protocol": cfg.scheme,
             "port": scheduler_port,
-            "dashboard_address": f"{bracket_host(host)}:{dashboard_port}",
+            "dashboard_address": unparse_host_port(host, dashboard_port),
             "preload": ["cluster.scheduler"],
             "preload_argv": ["--config", _config_file(cfg)],
             "security": cfg.security_object(),
         },
     }
-    with ai_worker_environ():
+    # the dashboard's TLS comes from Dask's config, read while the scheduler is built here
+    # and handed to the worker processes by their nannies (which keep it for restarts)
+    with ai_worker_environ(), dask.config.set(cfg.dask_settings()):
         if quiet:
             for name in ("distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core",
                          "distributed.preloading", "distributed.http.proxy", "distributed.deploy"):

@@ -22,11 +22,11 @@ __all__ = ["AddressError", "check_address", "is_loopback", "warn_if_open", "list
 logger = logging.getLogger("cluster.security")
 
 #: the one line a process prints when it listens beyond loopback without TLS
-OPEN_WARNING = ("{what} listens on {where} without TLS: anyone who can reach this port can run code on this "
-                "machine; see the README's Security section")
+OPEN_WARNING = ("{what}: listening on {where} without TLS; anyone who can reach these ports can run code on "
+                "this machine (see the README's Security section)")
 #: ... when only its HTTP server (dashboard, /metrics) is open: readable, not a way in
-OPEN_HTTP_WARNING = ("{what} serves HTTP on {where} without TLS: anyone on the network can read its dashboard "
-                     "and metrics; see the README's Security section")
+OPEN_HTTP_WARNING = ("{what}: serving HTTP on {where} without TLS; anyone on the network can read its dashboard "
+                     "and metrics (see the README's Security section)")
 
 
 class AddressError(ValueError):
@@ -71,17 +71,13 @@ def listen_addresses(server) -> list[str]:
     out = [lst.listen_address for lst in getattr(server, "listeners", [])]
     http = getattr(server, "http_server", None)
     if http is not None:
+        from distributed.comm.addressing import unparse_host_port
         from distributed.comm.utils import get_tcp_server_addresses
 
         scheme = "https" if getattr(http, "ssl_options", None) else "http"
         for host, port, *_ in get_tcp_server_addresses(http):
-            out.append(f"{scheme}://{bracket_host(host)}:{port}")
+            out.append(f"{scheme}://{unparse_host_port(host, port)}")
     return out
-
-
-def bracket_host(host: str) -> str:
-    """An IPv6 address in brackets, as it stands before ``:port``."""
-    return f"[{host}]" if ":" in host else host
 
 
 def _host_of(address: str) -> str:
@@ -145,19 +141,12 @@ def _port(parts) -> int | None:
 
 
 # -- certificates --------------------------------------------------------------------------
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a key readable by its owner only, replacing ``path`` in one step."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Replace ``path`` in one step; a key is readable by its owner only from its first byte."""
+    from .files import atomic_write
+
+    with atomic_write(path, private=private) as f:
         f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _parse_host(item: str) -> tuple[str, list[str]]:
@@ -195,9 +184,16 @@ def make_certs(folder: str | os.PathLike, hosts: list[str], days: int = 825, for
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_cert_path, ca_key_path = folder / "ca.pem", folder / "ca.key"
     pem = serialization.Encoding.PEM
-    if ca_cert_path.exists() and ca_key_path.exists():
+    if ca_cert_path.exists() != ca_key_path.exists():
+        have, missing = (ca_cert_path, ca_key_path) if ca_cert_path.exists() else (ca_key_path, ca_cert_path)
+        raise FileExistsError(f"{have} exists but {missing} does not: a new CA would not be trusted by the PCs that "
+                              f"trust the old one. Run this on the PC that keeps {ca_key_path.name}, or use another folder")
+    if ca_cert_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        if ca_key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                ca_cert.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise ValueError(f"{ca_key_path} is not the key of {ca_cert_path}")
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask-ai-cluster CA")])
@@ -211,9 +207,9 @@ def make_certs(folder: str | os.PathLike, hosts: list[str], days: int = 825, for
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(ca_key, hashes.SHA256())
         )
-        _write_private(ca_key_path, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-        _write_public(ca_cert_path, ca_cert.public_bytes(pem))
+        _write(ca_key_path, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+               private=True)
+        _write(ca_cert_path, ca_cert.public_bytes(pem))
     out: dict = {"ca": str(ca_cert_path), "ca_key": str(ca_key_path), "hosts": {}}
     for name, alts in parsed:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -237,7 +233,8 @@ def make_certs(folder: str | os.PathLike, hosts: list[str], days: int = 825, for
             .sign(ca_key, hashes.SHA256())
         )
         cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
-        _write_private(key_path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        _write_public(cert_path, cert.public_bytes(pem))
+        _write(key_path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+               private=True)
+        _write(cert_path, cert.public_bytes(pem))
         out["hosts"][name] = (str(cert_path), str(key_path))
     return out

@@ -41,8 +41,9 @@ async def setup_worker(worker, config=None, tier: str | None = None, register_ho
     info = {**assignment.to_dict(), "resources": dict(state.total_resources), "config": cfg.path}
     worker.metrics[TIER_METRIC] = lambda w: info
     logger.info("aicluster tier: %s on %s; %s", assignment.label, assignment.device_name, assignment.reason)
-    # the nanny listens on the same interface as its worker
-    warn_if_open("this worker" + (" (and its nanny, on the same interface)" if worker.nanny else ""), listen_addresses(worker))
+    # the nanny's own address: without --host it binds the interface that reaches the scheduler
+    warn_if_open("this worker" + (" and its nanny" if worker.nanny else ""),
+                 listen_addresses(worker) + ([worker.nanny] if worker.nanny else []))
     if register_host:
         from distributed.protocol import pickle
 

@@ -118,6 +118,7 @@ def test_cli_bad_numbers_and_encodings(tmp_path, env_with_tests):
     assert "--chunk-size" in r.stderr and "0 is not in the range x>=1" in r.stderr
     r = run(["embed", str(texts), "-o", str(tmp_path / "v.npy"), "--batch-size", "-3"], env_with_tests)
     _no_traceback(r)
+    assert "--batch-size" in r.stderr and "-3 is not in the range x>=1" in r.stderr
     latin = tmp_path / "latin.txt"
     latin.write_bytes("first\nsecond caf\xe9\n".encode("latin-1"))
     r = run(["embed", str(latin), "-o", str(tmp_path / "v.npy")], env_with_tests)

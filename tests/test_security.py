@@ -26,8 +26,8 @@ from procs import listening, proc, read_until, run
 
 pytestmark = pytest.mark.slow
 
-WARNING = "without TLS: anyone who can reach this port can run code on this machine"
-HTTP_WARNING = "without TLS: anyone on the network can read its dashboard"
+WARNING = "without TLS; anyone who can reach these ports can run code on this machine"
+HTTP_WARNING = "without TLS; anyone on the network can read its dashboard"
 
 
 def test_embedded_cluster_listens_on_loopback_only(env_with_tests):
@@ -65,7 +65,7 @@ def test_scheduler_and_worker_listen_where_told_and_warn_when_open(tmp_path, env
         with proc(["dask", "worker", f"tcp://127.0.0.1:{port}", "--preload", "cluster.worker", "--nthreads", "1",
                    "--no-dashboard"], env_with_tests) as w:
             line = read_until(w, WARNING)
-            assert "this worker (and its nanny, on the same interface) listens on" in line
+            assert "this worker and its nanny: listening on tcp://0.0.0.0:" in line
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,13 @@ def test_certs_are_a_ca_and_private_key_pairs(certs):
     more = subprocess.run([str(BIN / "aicluster"), "certs", str(lab), "--hosts", "pc3"], capture_output=True, text=True)
     assert more.returncode == 0, more.stderr
     x509.load_pem_x509_certificate((lab / "pc3.pem").read_bytes()).verify_directly_issued_by(ca)
+    # a folder with the CA's certificate but not its key (a worker PC) makes no new CA
+    pc = certs / "on-a-worker-pc"
+    pc.mkdir()
+    (pc / "ca.pem").write_bytes((lab / "ca.pem").read_bytes())
+    r = subprocess.run([str(BIN / "aicluster"), "certs", str(pc), "--hosts", "pc4"], capture_output=True, text=True)
+    assert r.returncode != 0 and "ca.key does not" in r.stderr
+    assert (pc / "ca.pem").read_bytes() == (lab / "ca.pem").read_bytes() and not (pc / "pc4.pem").exists()
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +186,16 @@ def test_strangers_are_refused(tls_cluster):
             s.sendall(b"\x00" * 64)
             if not s.recv(1):  # TLS 1.3 reports the refused certificate on the first read
                 raise ConnectionResetError("closed")
-    # a client whose certificate another CA signed
+    # a client whose certificate another CA signed (it trusts the cluster's CA, so only the
+    # scheduler's check of the client's certificate can refuse it)
+    other = tls_cluster["certs"] / "other"
+    stranger = Security(tls_ca_file=str(tls_cluster["certs"] / "lab" / "ca.pem"), tls_client_cert=str(other / "stranger.pem"),
+                        tls_client_key=str(other / "stranger.key"), require_encryption=True)
     with pytest.raises(OSError, match="TLS|certificate|SSL"):
-        Client(tls_cluster["address"], security=_security(tls_cluster["certs"], "other"), timeout=10)
+        Client(tls_cluster["address"], security=stranger, timeout=10)
+    # the same client with the cluster's own certificate gets in: the refusals above are the certificates'
+    with Client(tls_cluster["address"], security=_security(tls_cluster["certs"], "lab"), timeout=10) as c:
+        assert len(c.scheduler_info(n_workers=-1)["workers"]) >= 3
 
 
 def test_dashboard_is_https_only(tls_cluster):
