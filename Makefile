@@ -44,6 +44,9 @@ notebooks: $(NB_STAMP)
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/embeddings.py
 	HF_HUB_OFFLINE=1 $(PY) bench/generate.py
+	HF_HUB_OFFLINE=1 $(PY) bench/concurrency.py
+	HF_HUB_OFFLINE=1 $(PY) bench/prefix.py
+	HF_HUB_OFFLINE=1 $(PY) bench/spread.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

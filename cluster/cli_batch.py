@@ -36,16 +36,20 @@ def _output(path, what: str = "output") -> Path:
               help="Texts per Dask task (progress advances, and an interrupted run resumes, per chunk).")
 @click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
 @click.option("--restart", is_flag=True, help="Ignore the finished chunks of an interrupted run.")
+@click.option("--spread", is_flag=True,
+              help="Use every worker that can run the model (its tier and fallback tiers), each pulling chunks.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Dask priority: higher runs first.")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, restart, config_path):
+def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, restart, spread, priority, config_path):
     """Embed FILE (one UTF-8 text per line) into OUTPUT, rows in line order.
 
     OUTPUT appears only when every vector is done (written beside it and renamed). Finished
     chunks are kept in OUTPUT.parts/ meanwhile, so an interrupted run resumes where it stopped.
 
     \b
-    Example:
+    Examples:
       aicluster embed passages.txt -o passages.npy --address tcp://192.168.1.10:8786
+      aicluster embed passages.txt -o passages.npy --spread     # every capable worker helps
     """
     import hashlib
     import shutil
@@ -116,21 +120,31 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
             lock.flush()
         todo = [i for i in offsets if i not in done]
         if todo:
-            with _connect(address, config_path) as ai:
+            params = dict(batch_size=batch_size, normalize=normalize, truncate=False)
+            with _connect(address, config_path) as ai, \
+                    tqdm(total=len(lines), initial=sum(len(a) for a in done.values()), desc="embedding",
+                         unit="text") as bar:
+
+                def keep(part) -> None:
+                    with atomic_write(parts / f"{part['offset']}.npy") as out:
+                        np.save(out, part["embeddings"])  # kept until the output is whole
+                    done[part["offset"]] = part["embeddings"]
+                    bar.update(part["n"])
+
                 try:
                     spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
-                    futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"), lines[i:i + chunk_size],
-                                                 model, spec, dict(batch_size=batch_size, normalize=normalize,
-                                                                   truncate=False), offset=i, kind="embed")
-                               for i in todo]
-                    with tqdm(total=len(lines), initial=sum(len(a) for a in done.values()), desc="embedding",
-                              unit="text") as bar:
+                    if spread:
+                        from .spread import spread_embed
+
+                        spread_embed(ai, spec, model, lines, params, chunk_size=chunk_size, skip=set(done),
+                                     priority=priority, on_part=lambda off, part, h: keep(part), wait=True)
+                    else:
+                        futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"),
+                                                     lines[i:i + chunk_size], model, spec, params, offset=i,
+                                                     kind="embed", priority=priority)
+                                   for i in todo]
                         for f in as_completed(futures):
-                            part = f.result()
-                            with atomic_write(parts / f"{part['offset']}.npy") as out:
-                                np.save(out, part["embeddings"])  # kept until the output is whole
-                            done[part["offset"]] = part["embeddings"]
-                            bar.update(part["n"])
+                            keep(f.result())
                 except Exception as e:
                     _fail(e)
         arr = np.concatenate([done[i] for i in sorted(done)])
@@ -151,9 +165,13 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
               help="Tokens per answer, unless a line sets max_tokens.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--in-flight", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Prompts submitted at once (bounds cluster memory).")
+              help="Prompts submitted at once (bounds cluster memory; a worker decodes up to its model's parallel).")
+@click.option("--spread", is_flag=True,
+              help="Use every worker that can run the model (its tier and fallback tiers), each kept busy.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Dask priority: higher runs first.")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, in_flight, config_path):
+def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, in_flight, spread, priority,
+                 config_path):
     """Generate an answer for every prompt in a JSONL file, writing each as it finishes.
 
     Every line is checked before anything runs. A line without an "id" is known by a hash
@@ -162,8 +180,9 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
     run resumes); while a run writes OUTPUT, a second one on it stops at once.
 
     \b
-    Example:
+    Examples:
       aicluster generate --prompts questions.jsonl -o answers.jsonl --max-tokens 64
+      aicluster generate --prompts questions.jsonl -o answers.jsonl --spread --priority 10
     """
     from distributed import as_completed
     from tqdm import tqdm
@@ -215,35 +234,53 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
             click.echo("nothing left to do")
             return
         with _connect(address, config_path) as ai, tqdm(total=len(todo), desc="generating", unit="prompt") as bar:
-            pending = iter(todo)
-            by_key = {}
 
-            def submit_next(ac):
-                job = next(pending, None)
-                if job is not None:
-                    f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"], temperature=temperature)
-                    by_key[f.key] = job
-                    ac.add(f)
+            def record(job, r) -> None:
+                log.write({"id": job["id"], "prompt": job["prompt"], "text": r["text"],
+                           "completion_tokens": r["completion_tokens"], "finish_reason": r["finish_reason"],
+                           "model": model, "max_tokens": job["max_tokens"], "temperature": temperature,
+                           "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]})
+                bar.update(1)
+
+            def failed_one(job, err) -> None:
+                nonlocal failed
+                failed += 1
+                tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): {type(err).__name__}: {err}", file=sys.stderr)
+                bar.update(1)
 
             try:
-                ac = as_completed([])
-                for _ in range(in_flight):
-                    submit_next(ac)
-                for f in ac:
-                    job = by_key.pop(f.key)
-                    err = failure(f)
-                    if err is not None:
-                        failed += 1
-                        tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): {type(err).__name__}: {err}",
-                                   file=sys.stderr)
-                    else:
-                        r = f.result()
-                        log.write({"id": job["id"], "prompt": job["prompt"], "text": r["text"],
-                                   "completion_tokens": r["completion_tokens"], "finish_reason": r["finish_reason"],
-                                   "model": model, "max_tokens": job["max_tokens"], "temperature": temperature,
-                                   "worker": r["worker"], "tier": r["tier"], "simulated": r["simulated"]})
-                    bar.update(1)
-                    submit_next(ac)
+                if spread:
+                    from .spread import spread_generate
+
+                    spec = ai.config.model(model)
+                    params = [dict(max_tokens=j["max_tokens"], temperature=float(temperature), top_p=1.0, stop=[],
+                                   seed=None) for j in todo]
+                    spread_generate(ai, spec, model, [j["prompt"] for j in todo], params, priority=priority,
+                                    on_part=lambda i, r, h: record(todo[i], r),
+                                    on_error=lambda i, err: failed_one(todo[i], err), wait=True)
+                else:
+                    pending = iter(todo)
+                    by_key = {}
+                    ac = as_completed([])
+
+                    def submit_next():
+                        job = next(pending, None)
+                        if job is not None:
+                            f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"],
+                                            temperature=temperature, priority=priority)
+                            by_key[f.key] = job
+                            ac.add(f)
+
+                    for _ in range(in_flight):
+                        submit_next()
+                    for f in ac:
+                        job = by_key.pop(f.key)
+                        err = failure(f)
+                        if err is not None:
+                            failed_one(job, err)
+                        else:
+                            record(job, f.result())
+                        submit_next()
             except Exception as e:
                 _fail(e)
     click.echo(f"wrote {len(todo) - failed} answers to {output}" + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
@@ -309,8 +346,10 @@ def _read_prompts(path: Path, max_tokens: int) -> list[dict]:
               help="Override a param of the pipeline (repeatable; VALUE is read as YAML, so 3 is a number).")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print every stage's output and placement as JSON.")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Dask priority of the run's stages (higher runs first; a stage's own priority: wins).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def pipeline_cmd(spec, sets, address, as_json, config_path):
+def pipeline_cmd(spec, sets, address, as_json, priority, config_path):
     """Run a pipeline: a YAML file, or the name of a shipped one (rag).
 
     Prints which worker ran each stage, when, and the final output.
@@ -340,7 +379,7 @@ def pipeline_cmd(spec, sets, address, as_json, config_path):
         raise click.ClickException(str(e)) from None
     with _connect(address, config_path) as ai:
         try:
-            result = ai.run_pipeline(spec_dict, **params)
+            result = pipeline.submit_pipeline(ai, spec_dict, params, priority).result()
         except (pipeline.PipelineError, pipeline.StageFailed) as e:
             raise click.ClickException(str(e)) from None
     if as_json:
@@ -457,16 +496,19 @@ def bench_cmd(suite, tiers, workers, output, parallel, address, config_path):
               help="JSON lines of results (default: JOBS_FILE with .results.jsonl); a rerun resumes it.")
 @click.option("--force", is_flag=True, help="Discard the results already in OUTPUT and run every job again.")
 @click.option("--in-flight", default=4, show_default=True, type=click.IntRange(min=1), help="Jobs submitted at once.")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help='Dask priority of jobs without a "priority" of their own (higher runs first).')
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
-def submit_cmd(jobs_file, output, force, in_flight, address, config_path):
+def submit_cmd(jobs_file, output, force, in_flight, priority, address, config_path):
     """Run a JSON list of benchmark jobs in the GPU job-queue seed's format.
 
-    Each job: {"job_type": "matrix_multiply", "size": 1000, "iterations": 10, "prefer_gpu": true}.
-    prefer_gpu jobs go to the GPU tiers (best first) with the CPU tier as fallback. Each
+    Each job: {"job_type": "matrix_multiply", "size": 1000, "iterations": 10, "prefer_gpu": true,
+    "priority": 0}. prefer_gpu jobs go to a free GPU worker (best tier first), queue on the
+    best GPU tier when all are busy, and fall back to the CPU tier. Each
     result is written as a JSON line as it finishes; a bad job gets an error line and the
     others go on. Ends with counts and times per job_type x tier, jobs per second and the
-    GPU-over-CPU speedup.
+    GPU-over-CPU speedup, and how many jobs each worker ran.
 
     A rerun with the same OUTPUT skips the jobs it already completed (each job is known by
     its content) and runs the failed and missing ones; --force starts over.
@@ -514,7 +556,7 @@ def submit_cmd(jobs_file, output, force, in_flight, address, config_path):
                 if o["status"] == "failed":
                     tqdm.write(f"job {o['job_id']}: {o['error']}", file=sys.stderr)
 
-            res = ai.run_jobs([jobs[i] for i in todo], on_result=write, in_flight=in_flight, ids=todo)
+            res = ai.run_jobs([jobs[i] for i in todo], on_result=write, in_flight=in_flight, ids=todo, priority=priority)
     import importlib
 
     format_stats = importlib.import_module("workloads.bench_report").format_stats

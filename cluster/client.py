@@ -11,6 +11,7 @@ import math
 import queue
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import dask
@@ -121,6 +122,7 @@ class AICluster:
         self.config = config
         self.cluster = cluster
         client.register_plugin(routing.TierGuard(grace=config.routing.restart_grace))
+        client.register_plugin(routing.ModelAffinity(prefer_resident=config.routing.prefer_resident))
         client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
         self._streams: dict[str, queue.Queue] = {}
@@ -159,19 +161,21 @@ class AICluster:
         if tier not in self.config.tiers:
             raise ValueError(f"tier {tier!r} is not a tier; known: {', '.join(self.config.tiers)}")
 
-    def route(self, tier: str, what: str = "this task", prefer: Sequence[str] = ()) -> routing.Route:
+    def route(self, tier: str, what: str = "this task") -> routing.Route:
         """Where work for ``tier`` goes now (raises ``NoWorkerForTier`` when nowhere)."""
         self._check_tier(tier)
-        return routing.resolve(self.config.fallback_chain(tier), self.live_tiers(), what, prefer)
+        return routing.resolve(self.config.fallback_chain(tier), self.live_tiers(), what)
 
-    def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", **kwargs) -> Future:
-        with dask.annotate(**route.annotation(what, kind)):
-            return self.client.submit(fn, *args, **route.submit_kwargs(), **kwargs)
+    def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", priority: int = 0,
+                       **kwargs) -> Future:
+        with dask.annotate(**route.annotation(what, kind, priority)):
+            return self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
 
-    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", **kwargs) -> Future:
+    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, **kwargs) -> Future:
         # on the job board too (an empty chain: no tier, nothing for the TierGuard to do)
-        with dask.annotate(**{routing.ANNOTATION: {"chain": [], "what": what, "kind": kind}}):
-            return self.client.submit(fn, *args, **kwargs)
+        info = {"chain": [], "what": what, "kind": kind, **({"priority": priority} if priority else {})}
+        with dask.annotate(**{routing.ANNOTATION: info}):
+            return self.client.submit(fn, *args, priority=priority, **kwargs)
 
     # -- generic work ------------------------------------------------------------------------
     def submit(self, fn: Callable, *args, tier: str | None = None, key: str | None = None,
@@ -204,23 +208,20 @@ class AICluster:
         if spec.backend in sum((GENERATE_BACKENDS, EMBED_BACKENDS), ()) and spec.backend not in kinds:
             raise ValueError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
                              + ", ".join(n for n, m in self.config.models.items() if m.backend in kinds))
-        workers = self._workers()
-        prefer = []
-        if self.config.routing.prefer_resident:
-            for addr, w in workers.items():
-                host = (w.get("metrics") or {}).get("aicluster") or {}
-                if model in host.get("models", {}) or model in host.get("loading", []):
-                    prefer.append(addr)
         chain = self.config.fallback_chain(tier or spec.tier)
         if tier is not None:
             self._check_tier(tier)
-        route = routing.resolve(chain, routing.live_tiers(workers, self.config.tiers), f"model {model!r}", prefer)
+        # where the model is resident is decided on the scheduler (routing.ModelAffinity)
+        route = replace(routing.resolve(chain, self.live_tiers(), f"model {model!r}"), model=model)
+        if spec.backend == "llamacpp" and "llamacpp" in kinds:
+            # one resident model decodes `parallel` requests at once: each takes a share of the slot
+            route = route.shared(routing.slot_share(int(spec.options.get("parallel", 8))))
         return spec, route
 
     def generate(self, prompt: str | Sequence[str], model: str = "gemma-270m", max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
-                 seed: int | None = None, stream: bool = False,
-                 tier: str | None = None) -> Future | list[Future] | GenerationStream:
+                 seed: int | None = None, stream: bool = False, tier: str | None = None, priority: int = 0,
+                 spread: bool = False) -> Future | list[Future] | GenerationStream:
         """Generate text with ``model`` on its tier; returns a Future (a list for a list of prompts).
 
         Parameters
@@ -237,6 +238,13 @@ class AICluster:
             Return a ``GenerationStream`` (single prompt only): iterate it for text pieces.
         tier
             Override the model's tier (fallbacks still apply).
+        priority
+            Dask priority: higher runs first where work queues (a worker's tasks, the
+            model's batch slots); shown on the job board.
+        spread
+            A list of prompts over every worker that can run the model (its tier and the
+            fallback tiers whose budget fits it), each kept busy as it finishes prompts;
+            returns one ``concurrent.futures.Future`` of the results in prompt order.
 
         The result dict holds ``text``, ``prompt_tokens``, ``completion_tokens``,
         ``finish_reason``, timings, and the ``worker`` / ``tier`` that ran it.
@@ -259,17 +267,22 @@ class AICluster:
         fn = _task("generate")
         params = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                       stop=stop, seed=seed)
+        what = f"generate with {model}"
         if stream:
             s = GenerationStream(self, uuid.uuid4().hex)
-            s.future = self._submit_routed(route, f"generate with {model}", fn, prompts[0], model, spec, params,
-                                           index=None, topic=STREAM_TOPIC, stream_id=s.stream_id, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            s.future = self._submit_routed(route, what, fn, prompts[0], model, spec, params, index=None,
+                                           topic=STREAM_TOPIC, stream_id=s.stream_id, kind="generate",
+                                           key=f"generate-{model}-{uuid.uuid4().hex[:12]}", priority=priority,
+                                           task_priority=priority)
             return s
-        if not single and route.workers and len(prompts) > len(route.workers) \
-                and len(route.tier_workers) > len(route.workers):
-            route = route.spread()  # more prompts than workers holding the model: use the whole tier
+        if spread:
+            from .spread import spread_generate
+
+            return spread_generate(self, spec, model, prompts, params, tier=tier, priority=priority)
         futures = [
-            self._submit_routed(route, f"generate with {model}", fn, p, model, spec, params, index=None if single else i,
-                                kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}")
+            self._submit_routed(route, what, fn, p, model, spec, params, index=None if single else i, kind="generate",
+                                key=f"generate-{model}-{uuid.uuid4().hex[:12]}", priority=priority,
+                                task_priority=priority)
             for i, p in enumerate(prompts)
         ]
         return futures[0] if single else futures
@@ -281,7 +294,7 @@ class AICluster:
 
     def embed(self, texts: str | Sequence[str], model: str = "minilm", batch_size: int = 64,
               normalize: bool = False, truncate: bool = False, chunk_size: int | None = None,
-              details: bool = False, tier: str | None = None) -> Future:
+              details: bool = False, tier: str | None = None, priority: int = 0, spread: bool = False) -> Future:
         """Embed ``texts`` on the model's tier; a Future of one array in the input order.
 
         Parameters
@@ -299,30 +312,38 @@ class AICluster:
             live worker of the tier, so task overhead stays small.
         details
             Return ``{"embeddings": array, "batches": [{worker, tier, n, seconds}, ...]}``.
+        priority
+            Dask priority (higher first), on every chunk; shown on the job board.
+        spread
+            Split the job over every worker that can run the model (its tier and the
+            fallback tiers whose budget fits it), a queue of chunks that each worker pulls
+            from as it finishes, so faster workers do more; returns a
+            ``concurrent.futures.Future`` of the same result.
         """
         items, single = _check_texts(texts, "text")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         spec, route = self._model_route(model, EMBED_BACKENDS, "embed texts", tier)
         precheck(spec, items, model, truncate=truncate, first_index=0)
+        params = dict(batch_size=batch_size, normalize=normalize, truncate=truncate)
+        if spread:
+            from .spread import spread_embed
+
+            return spread_embed(self, spec, model, items, params, chunk_size=chunk_size, single=single,
+                                details=details, tier=tier, priority=priority)
         if chunk_size is None:
             n_workers = max(1, len(route.tier_workers))
             chunk_size = max(16 * batch_size, math.ceil(len(items) / (2 * n_workers)))
-        n_parts = math.ceil(len(items) / chunk_size)
-        if route.workers and n_parts > len(route.workers) and len(route.tier_workers) > len(route.workers):
-            # more chunks than workers holding the model: let every worker of the tier help
-            # (each loads the model once); a small job stays where the model lives
-            route = route.spread()
         fn = _task("embed")
         what = f"embed with {model}"
-        params = dict(batch_size=batch_size, normalize=normalize, truncate=truncate)
         token = uuid.uuid4().hex[:12]
         parts = [
             self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
-                                kind="embed", key=f"embed-{model}-{token}-{i}")
+                                kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority)
             for i in range(0, len(items), chunk_size)
         ]
-        return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}")
+        return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}",
+                                  priority=priority)
 
     def embed_now(self, texts: str | Sequence[str], **kwargs):
         """Blocking ``embed``: a numpy array (or the details dict)."""
@@ -333,24 +354,28 @@ class AICluster:
         return self.client.run(_unload_on_worker, model)
 
     # -- pipelines and patterns (workloads/pipeline.py, workloads/patterns.py) ---------------
-    def pipeline(self, spec, **params):
+    def pipeline(self, spec, priority: int = 0, **params):
         """Check and submit a pipeline (a dict, a YAML path, or a shipped name like ``"rag"``);
         returns a ``PipelineRun`` whose ``result()`` is a ``PipelineResult`` (outputs by stage,
-        with worker, tier and time span per stage). ``params`` override the spec's params."""
-        return importlib.import_module("workloads.pipeline").submit_pipeline(self, spec, params)
+        with worker, tier and time span per stage). ``params`` override the spec's params;
+        ``priority`` is the run's Dask priority (a stage's own ``priority:`` wins)."""
+        return importlib.import_module("workloads.pipeline").submit_pipeline(self, spec, params, priority)
 
-    def run_pipeline(self, spec, **params):
+    def run_pipeline(self, spec, priority: int = 0, **params):
         """Blocking ``pipeline``: the ``PipelineResult``."""
-        return self.pipeline(spec, **params).result()
+        return self.pipeline(spec, priority=priority, **params).result()
 
-    def fan_out(self, value, branches, aggregate: str = "all", **kwargs):
+    def fan_out(self, value, branches, aggregate: str = "all", priority: int = 0, **kwargs):
         """One input through several branches at once; ``aggregate`` is first, all, majority,
         weighted_average (``weights=``) or ensemble (``combine=``). See workloads/patterns.py."""
-        return importlib.import_module("workloads.patterns").fan_out(self, value, branches, aggregate, **kwargs)
+        return importlib.import_module("workloads.patterns").fan_out(self, value, branches, aggregate,
+                                                                     priority=priority, **kwargs)
 
-    def batch(self, branch, items, in_flight: int = 8, progress: bool = True, errors: str = "raise") -> list:
+    def batch(self, branch, items, in_flight: int = 8, progress: bool = True, errors: str = "raise",
+              priority: int = 0) -> list:
         """``branch`` over many ``items`` with at most ``in_flight`` at once and a progress bar."""
-        return importlib.import_module("workloads.patterns").batch(self, branch, items, in_flight, progress, errors)
+        return importlib.import_module("workloads.patterns").batch(self, branch, items, in_flight, progress, errors,
+                                                                   priority)
 
     # -- benchmarks (workloads/bench.py, workloads/bench_report.py) --------------------------
     def bench(self, suite: str = "quick", tiers=None, workers=None, report: str | None = None,
@@ -365,11 +390,13 @@ class AICluster:
         return records
 
     def run_jobs(self, jobs: list, on_result=None, in_flight: int = 4, progress: bool = True,
-                 ids: list | None = None) -> dict:
+                 ids: list | None = None, priority: int = 0) -> dict:
         """Run job dicts in the GPU job-queue seed's format; returns ``{"results": [...],
-        "stats": {...}}`` (see workloads/bench_report.py). ``ids``: job_id of jobs naming none."""
+        "stats": {...}}`` (see workloads/bench_report.py). ``ids``: job_id of jobs naming none;
+        ``priority``: of jobs without a ``"priority"`` key."""
         mod = importlib.import_module("workloads.bench_report")
-        outcomes, wall = mod.run_jobs(self, jobs, on_result=on_result, in_flight=in_flight, progress=progress, ids=ids)
+        outcomes, wall = mod.run_jobs(self, jobs, on_result=on_result, in_flight=in_flight, progress=progress, ids=ids,
+                                      priority=priority)
         return {"results": outcomes, "stats": mod.job_stats(outcomes, wall, self.config.cpu_tier)}
 
     # -- jobs --------------------------------------------------------------------------------

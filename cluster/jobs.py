@@ -52,7 +52,8 @@ class JobBoard(SchedulerPlugin):
             chain = info.get("chain") or []
             job = self.jobs[str(key)] = {
                 "key": str(key), "what": info.get("what", str(key)), "kind": info.get("kind", "task"),
-                "tier": chain[0] if chain else None, "state": "pending", "worker": None, "address": None,
+                "tier": chain[0] if chain else None, "priority": info.get("priority", 0), "state": "pending",
+                "worker": None, "address": None,
                 "submitted": time.time(), "started": None, "finished": None, "error": None,
             }
             while len(self.jobs) > self.max_jobs:
@@ -86,13 +87,14 @@ def job_rows(dask_scheduler=None, states=None, limit=None) -> list[dict]:
 
 def format_jobs(rows: list[dict]) -> str:
     """A plain-text table of jobs, oldest first."""
-    head = ["key", "what", "tier", "state", "worker", "seconds"]
+    head = ["key", "what", "tier", "priority", "state", "worker", "seconds"]
     body = []
     for r in rows:
         secs = ""
         if r["started"]:
             secs = f"{(r['finished'] or time.time()) - r['started']:.2f}"
-        body.append([r["key"][:40], r["what"][:40], r["tier"] or "-", r["state"], r["worker"] or "-", secs])
+        body.append([r["key"][:40], r["what"][:40], r["tier"] or "-", str(r.get("priority", 0)), r["state"],
+                     r["worker"] or "-", secs])
     out = text_table(head, body)
     if not body:
         out.append("(no jobs yet)")

@@ -74,9 +74,10 @@ class Resident:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     hits: int = 0
-    #: backends are not thread-safe (llama.cpp contexts in particular); tasks hold this while they use it
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    #: set (under ``lock``) when the model is unloaded; a task that waited for the lock loads it again
+    #: tasks use a model exclusively, unless it says it serves many at once (``concurrent``,
+    #: the batched llama.cpp backend); unloading waits for every user
+    usage: "_Usage" = field(default_factory=lambda: _Usage(), repr=False)
+    #: set (under exclusive use) when the model is unloaded; a task that waited loads it again
     closed: bool = False
 
     def info(self) -> dict:
@@ -85,6 +86,54 @@ class Resident:
             "load_seconds": round(self.load_seconds, 3), "hits": self.hits,
             "loaded_at": self.loaded_at, "last_used": self.last_used,
         }
+
+
+class WorkerClosing(RuntimeError):
+    """A task asked for a model on a worker that is shutting down."""
+
+
+class _Usage:
+    """Shared or exclusive use of a resident model (a readers-writer lock). A waiting
+    exclusive user (an unload, a task of a non-concurrent model) holds new shared users
+    back, so a stream of generations cannot keep an unload waiting for ever."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._exclusive or self._waiting_exclusive:
+                self._cv.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._shared -= 1
+                self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting_exclusive += 1
+            while self._exclusive or self._shared:
+                self._cv.wait()
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._exclusive = False
+                self._cv.notify_all()
+
+    @property
+    def users(self) -> int:
+        return self._shared + int(self._exclusive)
 
 
 class _Loading:
@@ -133,6 +182,7 @@ class ModelHost(WorkerPlugin):
         self.load_counts: dict[str, int] = {}
         self.evictions: list[str] = []
         self._cancelled: dict[str, float] = {}
+        self._closing = False
         #: job_type -> last benchmark result on this worker (workloads/bench.py)
         self.bench: dict[str, dict] = {}
         self._threads_set = False
@@ -143,8 +193,12 @@ class ModelHost(WorkerPlugin):
                 threading.Thread(target=self._preload, args=(names,), name="aicluster-preload", daemon=True).start()
 
     def teardown(self, worker) -> None:
+        # the worker is leaving: its tasks run again elsewhere, so a model that serves many
+        # at once stops its batch now instead of finishing every request for nobody, and a
+        # model still loading is not put to work
+        self._closing = True
         for name in list(getattr(self, "_models", {})):
-            self.unload(name)
+            self.unload(name, finish=False)
         worker.metrics.pop("aicluster", None)
         self._empty_cuda_cache()
 
@@ -162,10 +216,12 @@ class ModelHost(WorkerPlugin):
 
     @contextlib.contextmanager
     def acquire(self, name: str, spec: ModelConfig | None = None) -> Iterator[Any]:
-        """Use model ``name`` exclusively for the duration of the ``with`` block."""
+        """Use model ``name`` for the duration of the ``with`` block: exclusively, or shared
+        with other tasks when the model serves many at once (``model.concurrent``)."""
         while True:
             res = self.get(name, spec)
-            with res.lock:
+            use = res.usage.shared() if getattr(res.model, "concurrent", False) else res.usage.exclusive()
+            with use:
                 if res.closed:  # unloaded or evicted while this task waited for it
                     continue
                 res.last_used = time.time()
@@ -176,6 +232,8 @@ class ModelHost(WorkerPlugin):
         """The resident model ``name``, loading it first if needed (one load per model)."""
         spec = spec or self.config.model(name)
         while True:
+            if self._closing:
+                raise WorkerClosing(f"worker {self.worker.name} is closing; the task runs again on another worker")
             with self._lock:
                 res = self._models.get(name)
                 if res is not None:
@@ -214,12 +272,17 @@ class ModelHost(WorkerPlugin):
     def is_cancelled(self, key) -> bool:
         return str(key) in self._cancelled
 
-    def unload(self, name: str) -> bool:
+    def unload(self, name: str, finish: bool = True) -> bool:
+        """Unload ``name``; tasks using it finish first. ``finish=False`` (a worker leaving):
+        a model that can (``abort()``) ends the generations it serves with an error at once."""
         with self._lock:
             res = self._models.pop(name, None)
         if res is None:
             return False
-        with res.lock:  # never close a model a task is using: wait for it to finish
+        abort = getattr(res.model, "abort", None)
+        if not finish and callable(abort):
+            abort()  # its waiting tasks get "unloaded while generating" and leave the model
+        with res.usage.exclusive():  # never close a model a task is using: wait for it to finish
             res.closed = True
             close = getattr(res.model, "close", None)
             if callable(close):
@@ -317,6 +380,11 @@ class ModelHost(WorkerPlugin):
         if own > measured:
             measured, how = own, "weights size"
         res = Resident(name=name, model=model, backend=spec.backend, nbytes=measured, measured_by=how, load_seconds=seconds)
+        if self._closing:  # torn down while this load ran
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
+            raise WorkerClosing(f"worker {self.worker.name} is closing; the task runs again on another worker")
         with self._lock:
             self._models[name] = res
             self.load_counts[name] = self.load_counts.get(name, 0) + 1

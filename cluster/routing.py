@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-__all__ = ["NoWorkerForTier", "Route", "live_tiers", "resolve", "TierGuard", "ANNOTATION"]
+__all__ = ["NoWorkerForTier", "Route", "live_tiers", "resolve", "slot_share", "TierGuard", "ModelAffinity", "ANNOTATION"]
 
 logger = logging.getLogger("cluster.routing")
 
@@ -70,39 +70,61 @@ class Route:
     fell_back: bool = False
     #: the live workers of ``tier`` when the route was resolved
     tier_workers: list[str] = field(default_factory=list)
+    #: how much of the tier resource one task takes: 1 (a worker's slot), or a fraction for
+    #: a model that decodes several requests at once (``slot_share``)
+    amount: float = 1.0
+    #: the model the task uses: ``ModelAffinity`` sends it where the model is resident
+    model: str | None = None
 
     def submit_kwargs(self) -> dict:
-        # Affinity is a strict ``workers=`` list, never ``allow_other_workers=True``: Dask
-        # treats loose restrictions as no restrictions at all when it steals work, so an
-        # idle worker *without* the tier's resource can take the task and its state machine
-        # dies on a KeyError (distributed 2026.8, stealing.py ``_get_thief``). If the
-        # preferred workers leave, the task falls into ``no-worker`` and the TierGuard
-        # below re-routes it to the tier (or its fallbacks) without the worker list.
-        kw: dict = {"resources": {self.tier: 1}}
+        # A worker list is strict, never ``allow_other_workers=True``: Dask treats loose
+        # restrictions as no restrictions at all when it steals work, so an idle worker
+        # *without* the tier's resource can take the task and its state machine dies on a
+        # KeyError (distributed 2026.8, stealing.py ``_get_thief``). If the listed workers
+        # leave, the task falls into ``no-worker`` and the TierGuard below re-routes it to
+        # the tier (or its fallbacks) without the worker list. Residency is not a list
+        # made here: ``ModelAffinity`` decides it on the scheduler, from free slots.
+        kw: dict = {"resources": {self.tier: self.amount}}
         if self.workers:
             kw["workers"] = list(self.workers)
         return kw
 
     def spread(self) -> "Route":
         """The same tier without the preferred workers (all of the tier's workers share the work)."""
-        return Route(tier=self.tier, chain=self.chain, workers=[], fell_back=self.fell_back,
-                     tier_workers=self.tier_workers)
+        return replace(self, workers=[])
 
-    def annotation(self, what: str, kind: str = "task") -> dict:
-        return {ANNOTATION: {"chain": self.chain[self.chain.index(self.tier):], "what": what, "kind": kind}}
+    def shared(self, amount: float) -> "Route":
+        """The same route for tasks that take ``amount`` of the tier resource each."""
+        return replace(self, amount=amount)
+
+    def annotation(self, what: str, kind: str = "task", priority: int = 0) -> dict:
+        info = {"chain": self.chain[self.chain.index(self.tier):], "what": what, "kind": kind}
+        if self.amount != 1:
+            info["amount"] = self.amount
+        if self.model:
+            info["model"] = self.model
+        if priority:
+            info["priority"] = priority
+        return {ANNOTATION: info}
 
 
-def resolve(chain: list[str], live: dict[str, list[str]], what: str = "this task", prefer: list[str] = ()) -> Route:
-    """Pick the first tier of ``chain`` that has a live worker.
+def slot_share(parallel: int) -> float:
+    """The fraction of a tier resource one generation task takes when the model decodes
+    ``parallel`` requests at once: ``1/2**k``, the largest power-of-two fraction that lets
+    ``parallel`` tasks share one slot. Powers of two add up exactly in floating point, so a
+    worker's resource comes back to exactly 1 and a task that needs the whole slot (a GPU
+    benchmark job) runs once the generations are done; with a ``parallel`` that is not a
+    power of two, the few extra tasks wait in the model's queue, which costs nothing."""
+    import math
 
-    ``prefer`` lists worker addresses to favour (e.g. where a model is resident); only those
-    with the chosen tier are kept.
-    """
+    return 1.0 if parallel <= 1 else 2.0 ** -math.ceil(math.log2(parallel))
+
+
+def resolve(chain: list[str], live: dict[str, list[str]], what: str = "this task") -> Route:
+    """Pick the first tier of ``chain`` that has a live worker."""
     for tier in chain:
         if live.get(tier):
-            workers = [w for w in prefer if w in live[tier]]
-            return Route(tier=tier, chain=list(chain), workers=workers, fell_back=tier != chain[0],
-                         tier_workers=list(live[tier]))
+            return Route(tier=tier, chain=list(chain), fell_back=tier != chain[0], tier_workers=list(live[tier]))
     raise NoWorkerForTier(chain, sorted(live), what)
 
 
@@ -150,6 +172,7 @@ class TierGuard(SchedulerPlugin):
             return
         info = ts.annotations[ANNOTATION]
         chain, what = list(info["chain"]), info.get("what", str(key))
+        amount = info.get("amount", 1)
         live: dict[str, int] = {}
         paused: dict[str, int] = {}
         for ws in s.workers.values():
@@ -165,12 +188,12 @@ class TierGuard(SchedulerPlugin):
                 # the tier's worker paused under memory pressure: Dask runs the task when it
                 # resumes; if it dies instead, remove_worker below looks at the task again
                 logger.info("%s waits for a paused worker of tier %s", key, tier)
-                ts.resource_restrictions = {tier: 1}
+                ts.resource_restrictions = {tier: amount}
                 ts.worker_restrictions = None
                 return
             if live.get(tier):
                 logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
-                ts.resource_restrictions = {tier: 1}
+                ts.resource_restrictions = {tier: amount}
                 ts.worker_restrictions = None
                 s.transitions({key: "processing"}, stimulus_id)
                 self.rerouted += 1
@@ -189,3 +212,53 @@ class TierGuard(SchedulerPlugin):
                             exception_text=f"NoWorkerForTier: {exc}", traceback_text="")
         s.transitions(recs, stimulus_id)
         self.failed += 1
+
+
+class ModelAffinity(SchedulerPlugin):
+    """Model work goes to a worker that holds the model while it has a free slot; the
+    overflow goes to the rest of the tier (Dask picks the least busy worker, which loads
+    the model once), so a worker that joins mid-batch gets work at once.
+
+    Decided on the scheduler when a task arrives (``update_graph``, before Dask places
+    it), from what every worker reports in its heartbeat (resident and loading models) and
+    the tier resource it has left: the client cannot know the free slots, and a worker
+    list fixed at submission would pin a whole batch to one worker. The pin is a strict
+    worker list on that one task; if that worker leaves, the TierGuard re-routes it.
+    """
+
+    name = "aicluster-affinity"
+    idempotent = True
+
+    def __init__(self, prefer_resident: bool = True) -> None:
+        self.prefer_resident = prefer_resident
+        self.pinned = 0
+        self.overflow = 0
+
+    def update_graph(self, scheduler, *, tasks=None, **kwargs) -> None:
+        if not self.prefer_resident:
+            return
+        planned: dict[str, float] = {}  # slots given away in this call, not yet on the workers
+        for key in tasks or ():
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.worker_restrictions or not ts.resource_restrictions:
+                continue
+            model = (ts.annotations or {}).get(ANNOTATION, {}).get("model")
+            if not model or len(ts.resource_restrictions) != 1:
+                continue
+            ((tier, amount),) = ts.resource_restrictions.items()
+            best, best_free = None, 0.0
+            for ws in scheduler.workers.values():
+                if ws.status.name != "running" or ws.resources.get(tier, 0) <= 0:
+                    continue
+                host = (ws.metrics or {}).get("aicluster") or {}
+                if model not in (host.get("models") or {}) and model not in (host.get("loading") or []):
+                    continue
+                free = ws.resources[tier] - ws.used_resources.get(tier, 0) - planned.get(ws.address, 0)
+                if free >= amount and free > best_free:
+                    best, best_free = ws, free
+            if best is None:
+                self.overflow += 1
+                continue
+            ts.worker_restrictions = {best.address}
+            planned[best.address] = planned.get(best.address, 0) + amount
+            self.pinned += 1

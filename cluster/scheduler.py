@@ -1,6 +1,7 @@
 """Scheduler preload: ``dask scheduler --preload cluster.scheduler``.
 
-Adds the TierGuard plugin (tasks never wait in ``no-worker``), the JobBoard (job list),
+Adds the TierGuard plugin (tasks never wait in ``no-worker``), ModelAffinity (model work
+where the model is resident, while it has room), the JobBoard (job list),
 the "AI models" dashboard
 page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus metrics.
 """
@@ -11,7 +12,7 @@ import click
 from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
-from .routing import TierGuard
+from .routing import ModelAffinity, TierGuard
 from .security import listen_addresses, warn_if_open
 
 # The dashboard's pages are read while the Scheduler is constructed, before preloads run;
@@ -25,6 +26,8 @@ async def setup_scheduler(scheduler, config=None) -> None:
         scheduler.add_plugin(TierGuard(grace=cfg.routing.restart_grace))
     if JobBoard.name not in scheduler.plugins:
         scheduler.add_plugin(JobBoard())
+    if ModelAffinity.name not in scheduler.plugins:
+        scheduler.add_plugin(ModelAffinity(prefer_resident=cfg.routing.prefer_resident))
     dashboard.install(scheduler, tiers=cfg.tier_names)
     warn_if_open("the scheduler", listen_addresses(scheduler))
 

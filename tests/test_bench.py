@@ -73,13 +73,15 @@ def test_seed_jobs_land_on_the_requested_tier_and_bad_ones_do_not_stop_the_rest(
     assert [o["status"] for o in out] == ["completed", "completed", "completed", "failed", "failed", "completed"]
     assert (out[0]["tier"], out[0]["worker"], out[0]["worker_type"]) == ("VRAM12", "pc1", "GPU")
     assert (out[1]["tier"], out[1]["worker"], out[1]["worker_type"]) == ("CPU", "cpu", "CPU")
-    assert out[2]["tier"] == "VRAM12" and out[5]["tier"] == "CPU"
+    # the VRAM12 worker is busy with job 0: the next prefer_gpu job takes the free VRAM6 worker
+    assert (out[2]["tier"], out[2]["worker"]) == ("VRAM6", "pc2") and out[5]["tier"] == "CPU"
     assert "unknown job_type 'nope'" in out[3]["error"] and "'epochs' must be positive" in out[4]["error"]
     st = res["stats"]
     assert st["completed"] == 4 and st["failed"] == 2 and st["jobs_per_second"] > 0 and st["simulated"]
     counts = {(r["job_type"], r["tier"]): r["count"] for r in st["by_type_and_tier"]}
     assert counts == {("image_processing", "CPU"): 1, ("matrix_multiply", "CPU"): 1, ("matrix_multiply", "VRAM12"): 1,
-                      ("vector_addition", "VRAM12"): 1}
+                      ("vector_addition", "VRAM6"): 1}
+    assert st["jobs_per_worker"] == {"cpu": 2, "pc1": 1, "pc2": 1}
     assert set(st["gpu_over_cpu_speedup"]) == {"matrix_multiply"}  # the only job run on both sides
 
 

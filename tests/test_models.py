@@ -36,9 +36,11 @@ def test_generate_runs_on_vram12_and_a_second_call_does_not_reload(ai):
     r1 = ai.generate_now("The capital of France is", max_tokens=8)
     assert r1["worker"] == "pc1" and r1["tier"] == "VRAM12" and r1["simulated"] is True
     assert r1["completion_tokens"] > 0 and r1["text"].strip()
+    before = loads(ai, "gemma-270m")
     r2 = ai.generate_now("Water boils at", max_tokens=8)
     assert r2["worker"] == "pc1" and r2["loaded_now"] is False
-    assert loads(ai, "gemma-270m") == {"pc1": 1, "pc2": 0, "cpu": 0}
+    # (other tests of the session cluster may have spread it to other tiers: count here)
+    assert loads(ai, "gemma-270m") == before and before["pc1"] == 1
 
 
 def test_greedy_generation_equals_in_process_llama_cpp(ai):
@@ -109,7 +111,7 @@ def test_metrics_reach_scheduler_info_and_status(ai):
     assert "gemma-270m" in text and "minilm" in text and "simulated" in text
 
 
-def test_affinity_sends_work_where_the_model_lives():
+def test_resident_is_a_preference_not_a_pin():
     data = base_config()
     data["local"]["workers"] = [{"name": "a", "tier": "VRAM6", "nthreads": 1, "memory_limit": "3GB"},
                                 {"name": "b", "tier": "VRAM6", "nthreads": 1, "memory_limit": "3GB"},
@@ -119,16 +121,55 @@ def test_affinity_sends_work_where_the_model_lives():
         first = ai.embed(["hello"], details=True).result()["batches"][0]["worker"]
         other = ({"a", "b"} - {first}).pop()
         wait_metrics(ai, lambda r: "minilm" in r[first].get("models", {}))
-        # many small calls at once: all queue where the model lives; the idle CPU worker
-        # must not steal them (it has no VRAM6 resource), the other VRAM6 worker need not load it
-        futs = [ai.embed([f"again {i}"], details=True) for i in range(8)]
-        workers = {b["worker"] for f in futs for b in f.result()["batches"]}
-        assert workers == {first}
+        # one call at a time goes where the model lives while that worker has a free slot:
+        # the other worker of the tier need not load it
+        for i in range(4):
+            assert ai.embed([f"again {i}"], details=True).result()["batches"][0]["worker"] == first
         assert loads(ai, "minilm") == {first: 1, other: 0, "idle": 0}
-        # a job with more chunks than resident workers spreads over the whole tier
-        big = ai.embed([f"text {i}" for i in range(64)], chunk_size=8, details=True).result()
-        assert {b["worker"] for b in big["batches"]} == {"a", "b"}
-        assert [b["offset"] for b in big["batches"]] == list(range(0, 64, 8))
+        # a burst overflows to the rest of the tier, which loads the model once; the idle CPU
+        # worker (no VRAM6 resource) takes none of it
+        futs = [ai.embed([f"burst {i} " * 20], details=True) for i in range(12)]
+        workers = [b["worker"] for f in futs for b in f.result()["batches"]]
+        assert set(workers) == {first, other}, workers
+        assert loads(ai, "minilm") == {first: 1, other: 1, "idle": 0}
+        affinity = ai.client.run_on_scheduler(lambda dask_scheduler: vars(dask_scheduler.plugins["aicluster-affinity"]))
+        assert affinity["pinned"] >= 5 and affinity["overflow"] >= 1
+
+
+@pytest.mark.slow
+def test_a_worker_that_joins_mid_batch_gets_work(tmp_path, env_with_tests):
+    """Generations queue on the one VRAM12 worker holding the model; a second VRAM12 PC
+    joins (`aicluster worker`) while they run and takes part of the rest, loading the model
+    once: residency is a preference, not a pin."""
+    import subprocess
+
+    import yaml
+    from distributed import as_completed
+
+    from conftest import BIN
+
+    data = base_config()
+    data["models"]["gemma-270m"]["options"]["parallel"] = 1  # one at a time: a queue forms
+    data["local"]["workers"] = [{"name": "pc1", "tier": "VRAM12", "nthreads": 1, "memory_limit": "3GB"}]
+    data["local"]["processes"] = False
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    with connect(str(cfg), dashboard_port=0) as ai:
+        ai.generate_now("warm up", max_tokens=2)
+        wait_metrics(ai, lambda r: "gemma-270m" in r["pc1"].get("models", {}))
+        first = [ai.generate(f"Count to {i}:", max_tokens=24) for i in range(6)]
+        late = subprocess.Popen([str(BIN / "aicluster"), "worker", ai.scheduler_address, "--tier", "VRAM12", "--name",
+                                 "pc9", "--config", str(cfg), "--host", "127.0.0.1"], env=env_with_tests,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ai.client.wait_for_workers(2, timeout=120)
+            rest = [ai.generate(f"Tell me about {i}:", max_tokens=24) for i in range(24)]
+            workers = [f.result()["worker"] for f in as_completed(first + rest)]
+            assert workers.count("pc9") >= 3 and "pc1" in workers, workers
+            assert loads(ai, "gemma-270m") == {"pc1": 1, "pc9": 1}
+        finally:
+            late.terminate()
+            late.wait(30)
 
 
 def test_bad_input_is_refused_at_the_caller(ai):

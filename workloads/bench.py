@@ -42,7 +42,7 @@ JOB_TYPES: dict[str, dict[str, tuple[type, object]]] = {
     "image_processing": {"batch_size": (int, None), "image_size": (int, 224), "iterations": (int, 50)},
 }
 #: keys of a seed job dict that are not parameters
-META_KEYS = {"job_type", "prefer_gpu", "job_id", "id", "dtype"}
+META_KEYS = {"job_type", "prefer_gpu", "job_id", "id", "dtype", "priority"}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -73,6 +73,8 @@ def validate_job(job: dict) -> tuple[str, dict, str]:
         params[name] = value
     if "prefer_gpu" in job and not isinstance(job["prefer_gpu"], bool):
         raise BenchJobError(f"{jt}: prefer_gpu must be true or false, got {job['prefer_gpu']!r}")
+    if "priority" in job and (isinstance(job["priority"], bool) or not isinstance(job["priority"], int)):
+        raise BenchJobError(f"{jt}: priority must be an integer (higher runs first), got {job['priority']!r}")
     dtype = job.get("dtype", "float32")
     if dtype not in DTYPES:
         raise BenchJobError(f"{jt}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -285,8 +287,9 @@ def run_job(job: dict) -> dict:
 def llm_throughput(model: str, spec, batch_sizes=(1, 4), context_lengths=(64, 512), max_tokens: int = 32) -> list[dict]:
     """Generation tokens/s for each batch size x prompt length, with the resident model.
 
-    llama.cpp holds one sequence per context, so a batch's prompts run one after another
-    on the worker: the number is what one worker delivers for that many requests.
+    A batch's prompts are submitted at once: the llama.cpp backend decodes them in one
+    batch (up to its ``parallel`` slots), other backends one after another. The number is
+    what one worker delivers for that many concurrent requests.
     """
     ctx = _context()
     host = ctx["host"]
@@ -296,13 +299,17 @@ def llm_throughput(model: str, spec, batch_sizes=(1, 4), context_lengths=(64, 51
         ids = m.tokenize(base) if hasattr(m, "tokenize") else None
         for n_ctx in context_lengths:
             prompt = base
-            if ids is not None and hasattr(m, "llm"):
-                prompt = m.llm.detokenize(ids[1:n_ctx]).decode("utf-8", errors="ignore")
+            if ids is not None and hasattr(m, "detokenize"):
+                prompt = m.detokenize(ids[1:n_ctx])
             for bs in batch_sizes:
                 t = time.perf_counter()
                 tokens = 0
-                for i in range(bs):
-                    tokens += m.generate(f"{i} {prompt}", max_tokens=max_tokens)["completion_tokens"]
+                if hasattr(m, "submit"):  # batched decoding: all at once
+                    reqs = [m.submit(f"{i} {prompt}", max_tokens=max_tokens) for i in range(bs)]
+                    tokens = sum(r.wait()["completion_tokens"] for r in reqs)
+                else:
+                    for i in range(bs):
+                        tokens += m.generate(f"{i} {prompt}", max_tokens=max_tokens)["completion_tokens"]
                 secs = time.perf_counter() - t
                 rec = _record("llm_throughput", {"model": model, "batch_size": bs, "context_length": n_ctx,
                                                  "max_tokens": max_tokens}, "q4_k_m" if spec.backend == "llamacpp" else "float32",

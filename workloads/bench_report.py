@@ -281,6 +281,21 @@ def _route_for(ai, job: dict):
     return routing.resolve(chain, ai.live_tiers(), f"{job.get('job_type')} job")
 
 
+def _free_gpu_worker(ai, route, busy: dict[str, int]):
+    """``route`` pinned to a GPU worker that runs none of this run's jobs, trying the GPU
+    tiers of the route's chain best first; None when every GPU worker is busy."""
+    from dataclasses import replace
+
+    live = ai.live_tiers()
+    for tier in route.chain:
+        if not ai.config.tiers[tier].is_gpu:
+            continue
+        for w in live.get(tier, []):
+            if not busy.get(w):
+                return replace(route, tier=tier, workers=[w], fell_back=tier != route.chain[0])
+    return None
+
+
 def _job_task(job: dict) -> dict:
     t = time.perf_counter()
     rec = bench.run_job(job)
@@ -289,11 +304,15 @@ def _job_task(job: dict) -> dict:
 
 
 def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
-             progress: bool = True, ids: list | None = None) -> tuple[list[dict], float]:
+             progress: bool = True, ids: list | None = None, priority: int = 0) -> tuple[list[dict], float]:
     """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
     finishes. A bad job is an error line of its own; the others go on. ``ids``: the job_id
-    of jobs that name none (default: their index). Returns ``(outcomes in input order, wall
-    seconds)``."""
+    of jobs that name none (default: their index). ``priority``: for jobs that set no
+    ``"priority"`` of their own. Returns ``(outcomes in input order, wall seconds)``.
+
+    ``prefer_gpu`` jobs go to a free GPU worker, best tier first, and queue on the best
+    live GPU tier only when every GPU worker is busy with one of this run's jobs.
+    """
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight <= 0:
         raise ValueError(f"in_flight must be a positive integer, got {in_flight!r}")
     from distributed import as_completed
@@ -318,14 +337,20 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
         todo.append((i, jid, job, route))
     pending = iter(todo)
     meta = {}
+    busy: dict[str, int] = {}  # this run's jobs in flight per pinned worker
     ac = as_completed([])
 
     def submit_next():
         nxt = next(pending, None)
         if nxt is not None:
             i, jid, job, route = nxt
-            f = ai._submit_routed(route, f"{job['job_type']} job {jid}", _job_task, job, kind="bench-job", pure=False)
+            if job.get("prefer_gpu"):
+                route = _free_gpu_worker(ai, route, busy) or route
+            f = ai._submit_routed(route, f"{job['job_type']} job {jid}", _job_task, job, kind="bench-job", pure=False,
+                                  priority=job.get("priority", priority))
             meta[f.key] = (i, jid, job, route)
+            for w in route.workers:
+                busy[w] = busy.get(w, 0) + 1
             ac.add(f)
 
     for _ in range(in_flight):
@@ -333,6 +358,8 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
         for f in ac:
             i, jid, job, route = meta.pop(f.key)
+            for w in route.workers:
+                busy[w] -= 1
             e = failure(f)
             if e is not None:
                 out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -363,8 +390,12 @@ def job_stats(outcomes: list[dict], wall: float, cpu_tier: str = "CPU") -> dict:
     for (jt, _), sides in by_params.items():
         if sides[True] and sides[False]:
             speed.setdefault(jt, []).append(statistics.mean(sides[True]) / statistics.mean(sides[False]))
+    per_worker: dict[str, int] = {}
+    for o in done:
+        per_worker[o["worker"]] = per_worker.get(o["worker"], 0) + 1
     return {"completed": len(done), "failed": sum(1 for o in outcomes if o and o["status"] == "failed"),
             "wall_seconds": wall, "jobs_per_second": len(done) / wall if wall > 0 else None, "by_type_and_tier": rows,
+            "jobs_per_worker": dict(sorted(per_worker.items())),
             "gpu_over_cpu_speedup": {jt: statistics.mean(v) for jt, v in speed.items()},
             "simulated": any(o["simulated"] for o in done)}
 
@@ -377,6 +408,8 @@ def format_stats(stats: dict) -> str:
     jps = stats["jobs_per_second"]
     out.append(f"\n{stats['completed']} completed, {stats['failed']} failed in {stats['wall_seconds']:.1f} s"
                + (f" ({jps:.2f} jobs/s)" if jps else ""))
+    if stats.get("jobs_per_worker"):
+        out.append("jobs per worker: " + ", ".join(f"{w} {n}" for w, n in stats["jobs_per_worker"].items()))
     for jt, s in stats["gpu_over_cpu_speedup"].items():
         out.append(f"GPU over CPU speedup, {jt}: {s:.2f}x" + (" (GPU tiers simulated on the CPU)" if stats["simulated"] else ""))
     return "\n".join(out)

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import time
 
+from distributed import secede
+from distributed.core import Status
+
 from ._host import host_and_worker, where
 from .backends import WrongModelKind, precheck
 
 
 def generate_task(prompt: str, model: str, spec, params: dict, index: int | None = None,
-                  topic: str | None = None, stream_id: str | None = None) -> dict:
-    """Generate for one prompt; ``topic`` streams ``(stream_id, piece)`` worker events."""
+                  topic: str | None = None, stream_id: str | None = None, task_priority: int = 0) -> dict:
+    """Generate for one prompt; ``topic`` streams ``(stream_id, piece)`` worker events;
+    ``task_priority`` (the Dask priority it was submitted with) orders requests waiting for
+    a slot of the model's batch."""
     host, worker = host_and_worker()
     t0 = time.perf_counter()
     loads_before = host.load_counts.get(model, 0)
@@ -24,7 +29,20 @@ def generate_task(prompt: str, model: str, spec, params: dict, index: int | None
             m.check_fits(prompt, params["max_tokens"], index)
         on_token = (lambda piece: worker.log_event(topic, (stream_id, piece))) if topic else None
         key = worker.get_current_task()
-        out = m.generate(prompt, on_token=on_token, should_stop=lambda: host.is_cancelled(key), **params)
+        should_stop = lambda: host.is_cancelled(key)  # noqa: E731
+        if getattr(m, "concurrent", False):
+            # the request joins the model's running batch; this task then leaves its worker
+            # thread (secede), so the worker starts the next generation task at once: the
+            # tier resource each takes (a fraction, see cluster.routing) bounds how many
+            req = m.submit(prompt, on_token=on_token, should_stop=should_stop, priority=task_priority, **params)
+            # Not while the worker closes: its thread pool's shutdown holds the lock that
+            # secede() takes while it joins the pool's threads, this one included (distributed
+            # 2026.8), and the close would hang for its whole timeout.
+            if worker.status == Status.running:
+                secede()
+            out = req.wait()
+        else:
+            out = m.generate(prompt, on_token=on_token, should_stop=should_stop, **params)
     if out["finish_reason"] == "cancelled":
         # the client has let go of this task; say how far it got, for the job board and tests
         worker.log_event("aicluster-cancelled", {"key": str(key), "model": model,

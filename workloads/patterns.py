@@ -84,7 +84,7 @@ def _vote_key(value):
         return repr(value)
 
 
-def _submit_branches(ai, value, branches, tag: str) -> tuple[dict, dict]:
+def _submit_branches(ai, value, branches, tag: str, priority: int = 0) -> tuple[dict, dict]:
     """Compile the branches as a one-input pipeline and submit them; (plan, futures)."""
     import uuid
 
@@ -98,12 +98,14 @@ def _submit_branches(ai, value, branches, tag: str) -> tuple[dict, dict]:
     for name, sp in plan.stages.items():
         spec_model, route = routes[name]
         args = (tag, name, sp.kind, sp.spec, sp.fn, plan.params, {}, sp.model, spec_model)
-        futures[name] = submit_stage(ai, route, f"{tag}: {name}", args, tag, f"{tag}-{name}-{token}".replace("#", "_"))
+        futures[name] = submit_stage(ai, route, f"{tag}: {name}", args, tag, f"{tag}-{name}-{token}".replace("#", "_"),
+                                     priority=priority if sp.priority is None else sp.priority)
     return plan, futures
 
 
 def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequence[float] | None = None,
-            combine: Callable[[list], Any] | None = None, timeout: float | None = None) -> FanOutResult:
+            combine: Callable[[list], Any] | None = None, timeout: float | None = None,
+            priority: int = 0) -> FanOutResult:
     """Run ``value`` through every branch at once and aggregate (see the module docstring)."""
     from distributed import as_completed, wait
 
@@ -115,7 +117,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
         raise ValueError("aggregate='ensemble' needs combine=<a function of the list of outputs>")
     if weights is not None and len(weights) != len(branches):
         raise ValueError(f"{len(weights)} weights for {len(branches)} branches")
-    plan, futures = _submit_branches(ai, value, branches, "fan-out")
+    plan, futures = _submit_branches(ai, value, branches, "fan-out", priority)
     names = list(futures)
     res = FanOutResult(value=None, aggregate=aggregate)
     if aggregate == "first":
@@ -167,7 +169,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
 
 
 def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True,
-          errors: str = "raise") -> list:
+          errors: str = "raise", priority: int = 0) -> list:
     """Run ``branch`` (as in ``fan_out``) over ``items``, at most ``in_flight`` at once.
 
     Returns the outputs in input order. ``errors="return"`` puts the exception in place of
@@ -190,7 +192,7 @@ def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True
         nxt = next(pending, None)
         if nxt is not None:
             i, item = nxt
-            _, futs = _submit_branches(ai, item, [branch], "batch")
+            _, futs = _submit_branches(ai, item, [branch], "batch", priority)
             (f,) = futs.values()
             index[f.key] = i
             live[f.key] = f

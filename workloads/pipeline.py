@@ -43,9 +43,9 @@ __all__ = ["PipelineError", "StageFailed", "Plan", "PipelineRun", "PipelineResul
            "load_spec", "run_stage", "shipped_pipelines"]
 
 STAGE_KEYS = {
-    "generate": {"kind", "model", "tier", "prompt", "options", "description"},
-    "embed": {"kind", "model", "tier", "texts", "options", "description"},
-    "call": {"kind", "tier", "args", "description"},
+    "generate": {"kind", "model", "tier", "prompt", "options", "description", "priority"},
+    "embed": {"kind", "model", "tier", "texts", "options", "description", "priority"},
+    "call": {"kind", "tier", "args", "description", "priority"},
 }
 OPTIONS = {
     "generate": {"max_tokens", "temperature", "top_p", "stop", "seed"},
@@ -189,6 +189,7 @@ class StagePlan:
     model: str | None = None
     tier: str | None = None
     fn: Any = None  # "pkg.mod:fn" or a callable
+    priority: int | None = None  # the stage's own (None: the run's)
 
 
 @dataclass
@@ -261,6 +262,9 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed for {kind}: {', '.join(sorted(STAGE_KEYS[kind]))}")
         model = st.get("model")
         tier = st.get("tier")
+        priority = st.get("priority")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            problems.append(f"{where}: priority must be an integer (higher runs first), got {priority!r}")
         if tier is not None and tier not in config.tiers:
             problems.append(f"{where}: tier {tier!r} is not a tier; known: {', '.join(config.tiers)}")
         if kind in ("generate", "embed"):
@@ -305,7 +309,8 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             elif ref not in values:
                 problems.append(f"{where}: refers to {ref!r}, which is neither a stage nor a param "
                                 f"(stages: {', '.join(stages)}; params: {', '.join(values) or 'none'})")
-        plans[sname] = StagePlan(sname, kind, st, deps, model=model, tier=tier, fn=fn)
+        plans[sname] = StagePlan(sname, kind, st, deps, model=model, tier=tier, fn=fn,
+                                 priority=priority if isinstance(priority, int) else None)
     order: list[str] = []
     if not problems:
         try:
@@ -320,7 +325,7 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
 
 # -- running on a worker --------------------------------------------------------------------
 def run_stage(pipeline: str, stage: str, kind: str, st: dict, fn, params: dict, upstream: dict,
-              model: str | None = None, model_spec=None) -> dict:
+              model: str | None = None, model_spec=None, task_priority: int = 0) -> dict:
     """Run one stage on this worker; ``upstream`` maps stage names to their results."""
     from distributed import get_worker
 
@@ -336,7 +341,7 @@ def run_stage(pipeline: str, stage: str, kind: str, st: dict, fn, params: dict, 
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"stage {stage!r}: the prompt is empty after filling in its references")
         opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
-        out = generate_task(prompt, model, model_spec, opts)
+        out = generate_task(prompt, model, model_spec, opts, task_priority=task_priority)
         out["prompt"] = prompt
         output = out
         info = {k: out[k] for k in ("tier", "simulated")}
@@ -439,19 +444,24 @@ def route_stage(ai, sp: StagePlan, what: str):
     return None, None
 
 
-def submit_stage(ai, route, what: str, args: tuple, kind: str, key: str):
+def submit_stage(ai, route, what: str, args: tuple, kind: str, key: str, priority: int = 0):
     """Submit ``run_stage(*args)`` along ``route`` (anywhere when it is None)."""
     if route is None:
-        return ai._submit_anywhere(what, run_stage, *args, kind=kind, key=key)
-    return ai._submit_routed(route, what, run_stage, *args, kind=kind, key=key)
+        return ai._submit_anywhere(what, run_stage, *args, kind=kind, key=key, priority=priority,
+                                   task_priority=priority)
+    return ai._submit_routed(route, what, run_stage, *args, kind=kind, key=key, priority=priority,
+                             task_priority=priority)
 
 
-def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None) -> PipelineRun:
+def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None, priority: int = 0) -> PipelineRun:
     """Check ``spec`` and submit its stages to the cluster of ``ai`` (an ``AICluster``).
 
     Everything is checked first (spec, models, references, cycles, and that a live worker
-    can serve each stage's tier); nothing is submitted when something is wrong.
+    can serve each stage's tier); nothing is submitted when something is wrong. Each stage
+    gets its own ``priority`` from the spec, else the run's ``priority``.
     """
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer (higher runs first), got {priority!r}")
     import uuid
 
     from cluster import routing
@@ -475,5 +485,6 @@ def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None) -> 
         spec_model, route, what = routes[name]
         upstream = {d: futures[d] for d in sp.deps}
         args = (plan.name, name, sp.kind, sp.spec, sp.fn, plan.params, upstream, sp.model, spec_model)
-        futures[name] = submit_stage(ai, route, what, args, f"pipeline-{sp.kind}", f"{plan.name}-{name}-{token}")
+        futures[name] = submit_stage(ai, route, what, args, f"pipeline-{sp.kind}", f"{plan.name}-{name}-{token}",
+                                     priority=priority if sp.priority is None else sp.priority)
     return PipelineRun(plan, futures, ai.client, output)

@@ -1,12 +1,12 @@
 """Text generation through llama-cpp-python (default: Gemma 3 270M, GGUF Q4_K_M, from a package).
 
 All layers go to the GPU on CUDA tiers, none on CPU tiers; the CPU thread count comes from
-``options.n_threads`` (default: the worker's torch_threads).
+``options.n_threads`` (default: the worker's torch_threads). One resident model decodes up
+to ``options.parallel`` requests at once (continuous batching, ``llama_batch.py``).
 """
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,17 +17,30 @@ logger = logging.getLogger("workloads.backends.llamacpp")
 
 
 class LlamaModel(TextGenerator):
+    """A resident GGUF model that decodes up to ``parallel`` requests at once.
 
-    def __init__(self, llm, path: Path, name: str):
-        self.llm, self.path, self.name = llm, path, name
-        self.n_ctx = llm.n_ctx()
+    ``generate`` may be called from many threads: each call joins the model's running
+    batch (``llama_batch.BatchEngine``) and waits for its own result.
+    """
+
+    #: ModelHost lets many tasks use this model at once (the engine serialises the decoding)
+    concurrent = True
+
+    def __init__(self, model, path: Path, name: str, n_ctx: int, parallel: int, n_threads: int, **engine_opts):
+        from .llama_batch import BatchEngine
+
+        self.model, self.path, self.name, self.n_ctx, self.parallel = model, path, name, n_ctx, parallel
+        self.engine = BatchEngine(model, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads, name=name, **engine_opts)
         # the weights are mmap'd from this file (on a GPU tier they are copied to VRAM)
         self.nbytes = path.stat().st_size
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
-    def generate(
+    def detokenize(self, ids: list[int]) -> str:
+        return self.model.detokenize(ids, special=False).decode("utf-8", errors="ignore")
+
+    def submit(
         self,
         prompt: str,
         max_tokens: int = 128,
@@ -37,70 +50,37 @@ class LlamaModel(TextGenerator):
         seed: int | None = None,
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> dict:
-        """Generate from ``prompt``; ``temperature=0`` is greedy (deterministic).
+        priority: int = 0,
+    ):
+        """Queue a generation; returns its ``llama_batch.Request`` (``.wait()`` for the result)."""
+        from .llama_batch import Request
+
+        prompt_ids = self.check_fits(prompt, max_tokens)
+        return self.engine.submit(Request(
+            prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop=[s for s in (stop or []) if s], on_token=on_token, should_stop=should_stop, priority=priority))
+
+    def generate(self, prompt: str, **kwargs) -> dict:
+        """Generate from ``prompt``; ``temperature=0`` is greedy (deterministic for a lone
+        request and for the same batch; see the module docstring of ``llama_batch``).
 
         ``on_token`` receives text pieces as they come; ``should_stop`` is polled between
         tokens, so a cancelled job stops within a token or two.
         """
-        prompt_ids = self.check_fits(prompt, max_tokens)
-        import llama_cpp
+        return self.submit(prompt, **kwargs).wait()
 
-        self.llm.reset()
-        if seed is not None:
-            self.llm.set_seed(seed)
-        sampler = dict(temp=temperature, top_p=top_p, top_k=40 if temperature > 0 else 1, min_p=0.0, repeat_penalty=1.0)
-        stop = [s for s in (stop or []) if s]
-        eos = self.llm.token_eos()
-        out_ids: list[int] = []
-        text_bytes = b""
-        emitted = 0
-        finish = "length"
-        t0 = time.perf_counter()
-        first = None
-        for tok in self.llm.generate(prompt_ids, reset=True, **sampler):
-            if tok == eos or llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok):
-                finish = "stop"
-                break
-            if first is None:
-                first = time.perf_counter()
-            out_ids.append(tok)
-            text_bytes += self.llm.detokenize([tok], prev_tokens=prompt_ids + out_ids[:-1])
-            text = text_bytes.decode("utf-8", errors="ignore")
-            hit = next((s for s in stop if s in text), None)
-            if hit is not None:
-                text_bytes = text[: text.index(hit)].encode("utf-8")
-                finish = "stop"
-                break
-            if on_token is not None:
-                # hold back what could be the start of a stop string
-                hold = max((len(s) - 1 for s in stop), default=0)
-                safe = len(text) - hold
-                if safe > emitted:
-                    on_token(text[emitted:safe])
-                    emitted = safe
-            if len(out_ids) >= max_tokens:
-                break
-            if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-        t1 = time.perf_counter()
-        text = text_bytes.decode("utf-8", errors="replace")
-        if on_token is not None and len(text) > emitted:
-            on_token(text[emitted:])
-        return {
-            "text": text,
-            "prompt_tokens": len(prompt_ids),
-            "completion_tokens": len(out_ids),
-            "finish_reason": finish,
-            "time_to_first_token": (first - t0) if first else None,
-            "generate_seconds": t1 - t0,
-        }
+    def abort(self) -> None:
+        """End every generation now (with an error) and take no more; ``close`` frees the model."""
+        if self.engine is not None:
+            self.engine.close()
 
     def close(self) -> None:
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
 
 
 _log_callback = None
@@ -143,30 +123,53 @@ def prepare() -> None:
     _route_logs()
 
 
-def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
-    from llama_cpp import Llama
+#: options.<key> this backend understands (see the README's Backends table)
+OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "n_batch", "n_ubatch", "use_mmap")
 
+
+def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel as _LowLevelModel
+
+    from . import InputError
+
+    _route_logs()
     path = resolve_source(spec.source)
     opts = dict(spec.options)
-    n_ctx = int(opts.pop("n_ctx", 2048))
-    n_threads = int(opts.pop("n_threads", threads))
-    gpu = device.startswith("cuda")
-    gpu_opts = {}
-    if gpu:
-        import llama_cpp
-
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise InputError(f"models.{name}.options: unknown option(s) {', '.join(unknown)} for the llamacpp backend; "
+                         f"known: {', '.join(OPTIONS)}")
+    n_ctx = int(opts.get("n_ctx", 2048))
+    n_threads = int(opts.get("n_threads", threads))
+    parallel = int(opts.get("parallel", 8))
+    if parallel < 1:
+        raise InputError(f"models.{name}.options.parallel must be at least 1, got {parallel}")
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_mmap = bool(opts.get("use_mmap", True))
+    if device.startswith("cuda"):
         if not llama_cpp.llama_supports_gpu_offload():
             logger.warning("model %s: llama-cpp-python was built without GPU support, so it runs on the CPU of "
                            "this GPU worker; reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\"", name)
         # all layers on this worker's GPU only: the default split mode would spread them over
         # every visible GPU and ignore main_gpu
-        gpu_opts = dict(n_gpu_layers=-1, main_gpu=int(device.split(":")[1]),
-                        split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
-    llm = Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-        **({"n_gpu_layers": 0} | gpu_opts), verbose=False, **opts,
-    )
-    return LlamaModel(llm, Path(path), name)
+        params.n_gpu_layers = -1
+        params.main_gpu = int(device.split(":")[1])
+        params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+    # verbose=True: llama-cpp-python would otherwise point fds 1 and 2 at /dev/null while it
+    # loads, which races with any other thread of the process (an in-process worker, the
+    # client) and can leave its output gone for good; the log goes to Python logging instead
+    model = _LowLevelModel(path_model=str(path), params=params, verbose=True)
+    try:
+        # prefix_cache: false turns prompt-prefix reuse off (no prefix is ever long enough)
+        min_reuse = 32 if opts.get("prefix_cache", True) else n_ctx + 1
+        return LlamaModel(model, Path(path), name, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads,
+                          n_batch=int(opts.get("n_batch", 512)), n_ubatch=int(opts.get("n_ubatch", 512)),
+                          min_reuse=min_reuse)
+    except BaseException:
+        model.close()
+        raise
 
 
 _vocabs: dict = {}
@@ -184,7 +187,7 @@ def _vocab(path: Path):
         _route_logs()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
-        v = _vocabs[key] = _LowLevelModel(path_model=str(path), params=params, verbose=False)
+        v = _vocabs[key] = _LowLevelModel(path_model=str(path), params=params, verbose=True)  # see load()
     return v
 
 

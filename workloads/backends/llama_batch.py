@@ -1,0 +1,355 @@
+"""Continuous batching for llama.cpp: one resident model decodes many sequences at once.
+
+llama-cpp-python's ``Llama`` decodes one sequence per context, so a worker served one
+generation at a time. This engine drives llama.cpp's own batch API directly (the way
+llama.cpp's server does with its parallel slots): one context with ``n_seq_max = parallel``
+sequences and a unified KV cache, one loop thread that owns it, and requests that join the
+running batch as they arrive and leave it the token they finish.
+
+* Each step puts one token per decoding sequence into a ``llama_batch`` and fills the rest
+  with prompt tokens of newly admitted requests (their prefill is batched too); logits are
+  asked for only where a token is sampled (the last prompt token, every decoded token).
+* Each request has its own llama.cpp sampler chain (greedy, or top-k/top-p/min-p/temperature
+  with its own seed), stop strings, streaming callback and cancel flag.
+* A finished sequence frees its slot at once but keeps its KV cells: a new request whose
+  prompt starts with the same tokens (the next turn of a chat, prompts with one system
+  prompt) is placed in that slot and its prefill starts after the shared prefix. A request
+  that arrives when nothing is decoding clears the other idle slots' cells, so that it
+  computes exactly as in a fresh single-sequence context.
+* KV cells: ``n_ctx`` per sequence x ``parallel`` in all, so every sequence can always use
+  its whole context; a lone request gets exactly the tokens a single-sequence context gives.
+
+Why by hand: llama-cpp-python (0.3.x) has no batched or multi-sequence generation, and its
+server module is a separate process with its own HTTP API. Nothing here knows about Dask.
+"""
+from __future__ import annotations
+
+import ctypes
+import heapq
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+logger = logging.getLogger("workloads.backends.llama_batch")
+
+__all__ = ["BatchEngine", "Request"]
+
+
+@dataclass
+class Request:
+    """One generation; the engine fills ``result`` (or ``error``) and sets ``done``."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    on_token: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    priority: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: BaseException | None = None
+    # engine state
+    slot: "_Slot | None" = None
+    fed: int = 0                 # prompt tokens in the KV cache so far
+    reused: int = 0              # of which came from the slot's earlier request
+    out_ids: list[int] = field(default_factory=list)
+    text_bytes: bytes = b""
+    emitted: int = 0
+    pending: int | None = None   # a sampled token not yet fed back
+    finish: str = "length"
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None
+    t_first: float | None = None
+    t_prefill: float | None = None
+    sampler: object = None
+
+    def wait(self, timeout: float | None = None) -> dict:
+        if not self.done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass
+class _Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds
+    request: Request | None = None
+
+
+class BatchEngine:
+    """Decode many sequences of one llama.cpp model in one context (see module docstring).
+
+    Parameters
+    ----------
+    model
+        A ``llama_cpp._internals.LlamaModel`` (weights, vocabulary).
+    n_ctx
+        Context per sequence, in tokens.
+    parallel
+        Sequences decoded at once (``n_seq_max``); more requests wait their turn.
+    n_threads
+        llama.cpp CPU threads for both decoding and prefill.
+    n_batch
+        Tokens per ``llama_decode`` call (prefill chunk), as llama-cpp-python's default.
+    min_reuse
+        Shortest cached prefix worth reusing, in tokens.
+    """
+
+    def __init__(self, model, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1, n_batch: int = 512,
+                 n_ubatch: int = 512, name: str = "model", min_reuse: int = 32):
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext
+
+        self.lib = llama_cpp
+        self.model, self.name = model, name
+        self.n_ctx, self.parallel, self.n_batch, self.min_reuse = n_ctx, parallel, n_batch, min_reuse
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * parallel
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = parallel
+        params.kv_unified = True  # a lone request may use any cell; every sequence fits its n_ctx
+        params.n_threads = n_threads  # the defaults are 4 (notes: set both)
+        params.n_threads_batch = n_threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(flash_attn=False)
+        self.ctx = LlamaContext(model=model, params=params, verbose=False)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.vocab = model.vocab
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.slots = [_Slot(seq=i) for i in range(parallel)]
+        self._waiting: list = []  # heap of (-priority, arrival, request)
+        self._arrivals = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.steps = 0
+        self.max_active = 0
+        self._thread = threading.Thread(target=self._run, name=f"llama-batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError(f"model {self.name!r} was unloaded")
+            heapq.heappush(self._waiting, (-req.priority, next(self._arrivals), req))
+            self._cv.notify()
+        return req
+
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.request is not None)
+
+    def close(self) -> None:
+        """Stop: requests still running or waiting end with an error. Idempotent."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+            self.ctx.close()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self._waiting and not self.active():
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    self._admit()
+                self._step()
+        except BaseException as e:  # the engine is dead: nobody may wait for it for ever
+            logger.exception("batch engine of %s failed", self.name)
+            self._fail_all(RuntimeError(f"the batch decoder of model {self.name!r} failed: {e}"))
+        else:
+            self._fail_all(RuntimeError(f"model {self.name!r} was unloaded while generating"))
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cv:
+            self._closed = True
+            waiting = [r for _, _, r in self._waiting]
+            self._waiting.clear()
+        for r in waiting + [s.request for s in self.slots if s.request is not None]:
+            r.error = err
+            try:
+                self._release(r)
+            finally:
+                r.done.set()
+
+    def _admit(self) -> None:
+        """Free slots take waiting requests, best priority first; each goes to the free slot
+        whose cached tokens share the longest prefix with its prompt."""
+        while self._waiting:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            _, _, req = heapq.heappop(self._waiting)
+            best, common = free[0], -1
+            for s in free:
+                n = _common_prefix(s.cached, req.prompt_ids)
+                if n > common:
+                    best, common = s, n
+            # the last prompt token is always decoded again: its logits give the first token.
+            # A short shared start (the BOS token, a word) saves nothing and would make the
+            # prompt's prefill a different computation than a fresh one: reuse long prefixes only
+            keep = min(common, len(req.prompt_ids) - 1)
+            if keep < self.min_reuse:
+                keep = 0
+            if not self.active():
+                # A request that starts alone gets the context to itself, as a fresh one:
+                # cells other idle slots keep would widen every attention step (and change
+                # its float sums, so its tokens could differ from a single-sequence run)
+                for s in free:
+                    if s is not best and s.cached:
+                        self.lib.llama_memory_seq_rm(self.memory, s.seq, -1, -1)
+                        s.cached = []
+            if not self.lib.llama_memory_seq_rm(self.memory, best.seq, keep, -1):
+                # this model's cache cannot drop a tail (recurrent state): start the sequence over
+                self.lib.llama_memory_seq_rm(self.memory, best.seq, -1, -1)
+                keep = 0
+            best.cached = best.cached[:keep]
+            best.request, req.slot = req, best
+            req.fed = req.reused = keep
+            req.t_start = time.perf_counter()
+            req.sampler = self._sampler(req)
+            self.max_active = max(self.max_active, self.active())
+
+    def _sampler(self, req: Request):
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if req.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            # the chain llama-cpp-python's Llama.generate builds with this project's settings
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(40))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_typical(1.0, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(req.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(0.0, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(req.temperature))
+            seed = lib.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        """One ``llama_decode``: a token per decoding sequence, then prompt tokens."""
+        b = self.batch
+        n = 0
+        sample_at: list[tuple[int, Request]] = []
+        running = [s.request for s in self.slots if s.request is not None]
+        for r in running:  # decoding sequences first: they never wait for someone's prefill
+            if r.pending is not None:
+                self._put(n, r.pending, r.fed + len(r.out_ids) - 1, r.slot.seq, True)
+                sample_at.append((n, r))
+                n += 1
+        for r in running:
+            if r.fed < len(r.prompt_ids) and n < self.n_batch:
+                take = min(len(r.prompt_ids) - r.fed, self.n_batch - n)
+                for j in range(take):
+                    pos = r.fed + j
+                    last = pos == len(r.prompt_ids) - 1
+                    self._put(n, r.prompt_ids[pos], pos, r.slot.seq, last)
+                    if last:
+                        sample_at.append((n, r))
+                    n += 1
+                r.fed += take
+        if n == 0:
+            return
+        b.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx.ctx, b)
+        self.steps += 1
+        if rc != 0:  # 1: no room in the KV cache (cannot happen with n_ctx per sequence), <0: error
+            raise RuntimeError(f"llama_decode returned {rc}")
+        now = time.perf_counter()
+        for i, r in sample_at:
+            if r.pending is None and r.t_prefill is None:
+                r.t_prefill = now - r.t_start
+            tok = self.lib.llama_sampler_sample(r.sampler, self.ctx.ctx, i)
+            if r.pending is not None:
+                r.slot.cached.append(r.pending)
+            else:  # the prompt is in the cache now
+                r.slot.cached = list(r.prompt_ids)
+            r.pending = None
+            self._take(r, tok, now)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _take(self, r: Request, tok: int, now: float) -> None:
+        """A sampled token: end of generation, stop string, stream, limit or cancel."""
+        if self.lib.llama_vocab_is_eog(self.vocab, tok):
+            r.finish = "stop"
+            return self._finish(r)
+        if r.t_first is None:
+            r.t_first = now
+        r.out_ids.append(tok)
+        r.text_bytes += self.model.detokenize([tok], special=False)
+        text = r.text_bytes.decode("utf-8", errors="ignore")
+        hit = next((s for s in r.stop if s in text), None)
+        if hit is not None:
+            r.text_bytes = text[: text.index(hit)].encode("utf-8")
+            r.finish = "stop"
+            return self._finish(r)
+        if r.on_token is not None:
+            hold = max((len(s) - 1 for s in r.stop), default=0)  # what could start a stop string
+            safe = len(text) - hold
+            if safe > r.emitted:
+                r.on_token(text[r.emitted:safe])
+                r.emitted = safe
+        if len(r.out_ids) >= r.max_tokens:
+            return self._finish(r)
+        if r.should_stop is not None and r.should_stop():
+            r.finish = "cancelled"
+            return self._finish(r)
+        r.pending = tok
+
+    def _finish(self, r: Request) -> None:
+        t_end = time.perf_counter()
+        text = r.text_bytes.decode("utf-8", errors="replace")
+        if r.on_token is not None and len(text) > r.emitted:
+            r.on_token(text[r.emitted:])
+        r.result = {
+            "text": text,
+            "prompt_tokens": len(r.prompt_ids),
+            "completion_tokens": len(r.out_ids),
+            "finish_reason": r.finish,
+            "time_to_first_token": (r.t_first - r.t_start) if r.t_first else None,
+            "generate_seconds": t_end - r.t_start,
+            "queue_seconds": r.t_start - r.t_submit,
+            "prefill_seconds": r.t_prefill,
+            "cached_prompt_tokens": r.reused,
+        }
+        self._release(r)
+
+    def _release(self, r: Request) -> None:
+        if r.sampler is not None:
+            self.lib.llama_sampler_free(r.sampler)
+            r.sampler = None
+        if r.slot is not None:
+            r.slot.request = None  # its cells stay: a later prompt with the same start reuses them
+            r.slot = None
+        r.done.set()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
