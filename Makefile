@@ -47,6 +47,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/concurrency.py
 	HF_HUB_OFFLINE=1 $(PY) bench/prefix.py
 	HF_HUB_OFFLINE=1 $(PY) bench/spread.py
+	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

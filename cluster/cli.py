@@ -320,6 +320,62 @@ def demo(config_path, dashboard_port):
 
 
 @main.command()
+@click.option("--address", default=None, help="Scheduler address, e.g. tcp://192.168.1.10:8786 (default: start the embedded cluster).")
+@click.option("--host", default=None,
+              help="Interface to listen on (default: server.host, 127.0.0.1). Beyond loopback only with API keys set.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default: server.port, 8000).")
+@click.option("--ssl-certfile", default=None, help="Serve HTTPS with this certificate (PEM), e.g. from `aicluster certs`.")
+@click.option("--ssl-keyfile", default=None, help="The certificate's private key (PEM).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def serve(address, host, port, ssl_certfile, ssl_keyfile, config_path):
+    """Serve the cluster over HTTP: OpenAI's API and the seed's routes.
+
+    /v1/models, /v1/chat/completions, /v1/completions (stream: server-sent events),
+    /v1/embeddings; /inference, /embed, /embed-batch, /health, /status, /config, /models.
+    Keys from server.api_keys or $AICLUSTER_API_KEYS (clients send "Authorization: Bearer
+    KEY"); without a key it listens on loopback only. Ctrl-C stops it.
+
+    \b
+    Examples:
+      aicluster serve                                      # embedded cluster, http://127.0.0.1:8000/v1
+      AICLUSTER_API_KEYS=sk-lab-one aicluster serve --address tcp://192.168.1.10:8786 --host 192.168.1.10
+      curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+           -d '{"model": "gemma-270m", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    quiet_dask()
+    cfg = load_cfg(config_path)
+    from .security import is_loopback
+    from .serve import KEYS_ENV, Gateway, api_keys, create_app
+
+    keys = api_keys(cfg)
+    host = cfg.server.host if host is None else host
+    port = cfg.server.port if port is None else port
+    if not keys and not is_loopback(host):
+        raise click.ClickException(
+            f"--host {host or '(every interface)'} would let anyone on the network use the cluster: set API keys first "
+            f"(server.api_keys in config.yaml, or ${KEYS_ENV}=key1,key2), or keep the default 127.0.0.1. Behind a "
+            "reverse proxy every client looks local: set keys there too.")
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
+    import uvicorn
+
+    from .cli_common import connect_ai
+
+    with connect_ai(address, config_path) as ai:
+        app = create_app(Gateway(ai, keys))
+        scheme = "https" if ssl_certfile else "http"
+        click.echo(f"serving the cluster at {scheme}://{host}:{port} (OpenAI API under /v1, docs at /docs; "
+                   f"{'API keys required' if keys else 'no API key: loopback only'}); Ctrl-C to stop", err=True)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=ssl_certfile,
+                        ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5)
+        except SystemExit as e:  # uvicorn exits 1 when it cannot bind
+            if e.code:
+                raise click.ClickException(f"the HTTP server could not start on {host}:{port} (is the port in use?)") \
+                    from None
+
+
+@main.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--hosts", required=True,
               help="Comma-separated PCs, each a name or IP, optionally NAME=IP (e.g. pc1=192.168.1.10,pc2,192.168.1.12).")

@@ -90,7 +90,8 @@ class GenerationStream:
 
     def __init__(self, ai: "AICluster", stream_id: str):
         self.ai, self.stream_id = ai, stream_id
-        self._q: queue.Queue = ai._open_stream(stream_id)
+        self._q: queue.Queue = queue.Queue()
+        ai._open_stream(stream_id, self._q.put)
         self.future: Future | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -125,21 +126,22 @@ class AICluster:
         client.register_plugin(routing.ModelAffinity(prefer_resident=config.routing.prefer_resident))
         client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
-        self._streams: dict[str, queue.Queue] = {}
+        self._streams: dict[str, Callable] = {}
         self._subscribed = False
 
-    def _open_stream(self, stream_id: str) -> queue.Queue:
+    def _open_stream(self, stream_id: str, sink: Callable[[str | None], None]) -> None:
+        """Send the text pieces of stream ``stream_id`` to ``sink`` (None ends the stream);
+        ``sink`` is called on the client's event loop thread and must not block."""
         if not self._subscribed:
             self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
             self._subscribed = True
-        q = self._streams[stream_id] = queue.Queue()
-        return q
+        self._streams[stream_id] = sink
 
     def _on_stream_event(self, event) -> None:
         stream_id, piece = event[1]
-        q = self._streams.get(stream_id)
-        if q is not None:
-            q.put(piece)
+        sink = self._streams.get(stream_id)
+        if sink is not None:
+            sink(piece)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -250,42 +252,62 @@ class AICluster:
         ``finish_reason``, timings, and the ``worker`` / ``tier`` that ran it.
         """
         prompts, single = _check_texts(prompt, "prompt")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        # one string is one stop string (as in OpenAI's API), not a list of its characters
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) for s in stop):
-            raise ValueError(f"stop must be a list of strings, got {stop!r}")
+        params = _sampling(max_tokens, temperature, top_p, stop, seed)
         if stream and not single:
             raise ValueError("stream=True takes a single prompt")
         spec, route = self._model_route(model, GENERATE_BACKENDS, "generate text", tier)
         precheck(spec, prompts, model, max_tokens=max_tokens, first_index=None if single else 0)
-        fn = _task("generate")
-        params = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                      stop=stop, seed=seed)
-        what = f"generate with {model}"
-        if stream:
-            s = GenerationStream(self, uuid.uuid4().hex)
-            s.future = self._submit_routed(route, what, fn, prompts[0], model, spec, params, index=None,
-                                           topic=STREAM_TOPIC, stream_id=s.stream_id, kind="generate",
-                                           key=f"generate-{model}-{uuid.uuid4().hex[:12]}", priority=priority,
-                                           task_priority=priority)
-            return s
         if spread:
             from .spread import spread_generate
 
             return spread_generate(self, spec, model, prompts, params, tier=tier, priority=priority)
-        futures = [
-            self._submit_routed(route, what, fn, p, model, spec, params, index=None if single else i, kind="generate",
-                                key=f"generate-{model}-{uuid.uuid4().hex[:12]}", priority=priority,
-                                task_priority=priority)
-            for i, p in enumerate(prompts)
-        ]
+        futures = [self._submit_generation(route, model, spec, params, p, index=None if single else i, stream=stream,
+                                           priority=priority) for i, p in enumerate(prompts)]
         return futures[0] if single else futures
+
+    def _submit_generation(self, route, model: str, spec, params: dict, prompt: str | None, index=None,
+                           messages=None, stream: bool = False, priority: int = 0, kind: str = "generate",
+                           stream_id: str | None = None):
+        """One generation task: a Future, or a ``GenerationStream`` with ``stream``; with a
+        ``stream_id`` the caller opened (``_open_stream``), a Future whose pieces go there."""
+        extra: dict = {} if messages is None else {"messages": messages}
+        s = None
+        if stream:
+            s = GenerationStream(self, uuid.uuid4().hex)
+            stream_id = s.stream_id
+        if stream_id is not None:
+            extra.update(topic=STREAM_TOPIC, stream_id=stream_id)
+        f = self._submit_routed(route, f"{kind} with {model}", _task("generate"), prompt, model, spec, params,
+                                index=index, kind=kind, key=f"{kind}-{model}-{uuid.uuid4().hex[:12]}",
+                                priority=priority, task_priority=priority, **extra)
+        if s is None:
+            return f
+        s.future = f
+        return s
+
+    def chat(self, messages: Sequence[dict], model: str = "gemma-270m", max_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
+             seed: int | None = None, stream: bool = False, tier: str | None = None,
+             priority: int = 0) -> Future | GenerationStream:
+        """The assistant's next turn after ``messages`` (``[{"role": "user", "content": ...}]``,
+        roles system / user / assistant), with the model's own chat template (see
+        workloads/backends/chat.py). A Future of the same dict as ``generate`` plus
+        ``message`` (``{"role": "assistant", "content": ...}``); ``stream=True`` gives a
+        ``GenerationStream``. The other parameters are ``generate``'s."""
+        msgs = _check_messages(messages)
+        params = _sampling(max_tokens, temperature, top_p, stop, seed)
+        spec, route = self._model_route(model, GENERATE_BACKENDS, "chat", tier)
+        # at the caller when the model file is here: no template, or a prompt over the context,
+        # fails before anything is submitted (the worker formats the messages itself)
+        formatted = importlib.import_module("workloads.backends").chat_prompt(spec, msgs, model)
+        if formatted is not None:
+            precheck(spec, [formatted[0]], model, max_tokens=max_tokens)
+        return self._submit_generation(route, model, spec, params, None, messages=msgs, stream=stream,
+                                       priority=priority, kind="chat")
+
+    def chat_now(self, messages: Sequence[dict], **kwargs) -> dict:
+        """Blocking ``chat``: the result dict (``r["message"]["content"]`` is the answer)."""
+        return self.chat(messages, **kwargs).result()
 
     def generate_now(self, prompt: str | Sequence[str], **kwargs) -> dict | list[dict]:
         """Blocking ``generate``: the result dict (or list of dicts)."""
@@ -532,6 +554,49 @@ async def _unload_on_worker(model: str, dask_worker=None) -> bool:
     # in a thread: unload waits for a task that is using the model, and the worker's
     # event loop (heartbeats) must not wait with it
     return bool(await asyncio.to_thread(host.unload, model))
+
+
+def _sampling(max_tokens, temperature, top_p, stop, seed) -> dict:
+    """Checked generation parameters (each error names the parameter and the value)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    # one string is one stop string (as in OpenAI's API), not a list of its characters
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stop=stop, seed=seed)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages) -> list[dict]:
+    """Chat messages as plain ``{"role", "content"}`` dicts, or an error naming the bad one."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TypeError(f"message {i} is a {type(m).__name__}, not a {{\"role\", \"content\"}} mapping")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        if isinstance(content, list):  # OpenAI's content parts: text only here
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"message {i}: only text content is supported")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"message {i} ({role}) has no text content")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise ValueError("the last message is the assistant's: end with a user message to get an answer")
+    return out
 
 
 def _check_texts(value, what: str) -> tuple[list[str], bool]:

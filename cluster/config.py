@@ -127,6 +127,28 @@ class LocalConfig(_Strict):
     workers: list[LocalWorkerConfig] = Field(default_factory=list)
 
 
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    max_body: int = 1_000_000
+    request_timeout: float = Field(default=300.0, gt=0)
+    max_queue: int = Field(default=64, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    generate_model: Union[str, None] = None
+    embed_model: Union[str, None] = None
+
+    _v = field_validator("max_body", mode="before")(lambda cls, v: _size(v))
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if len(k) < 8:
+                raise ValueError("an API key must be at least 8 characters")
+        return v
+
+
 class SecurityConfig(_Strict):
     tls: bool = False
     ca_file: Union[str, None] = None
@@ -144,6 +166,7 @@ class Config(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     #: the file this was read from (None for a dict)
     path: Union[str, None] = None
 
@@ -267,6 +290,10 @@ def _check_references(cfg: Config) -> list[str]:
                 errors.append(f"security.{key}: needed when security.tls is true (make them with `aicluster certs`)")
             elif not Path(cfg.security_path(key)).is_file():
                 errors.append(f"security.{key}: file {cfg.security_path(key)!r} does not exist")
+    for key in ("generate_model", "embed_model"):
+        name = getattr(cfg.server, key)
+        if name is not None and name not in cfg.models:
+            errors.append(f"server.{key}: {name!r} is not a model; models: {', '.join(cfg.models) or '(none)'}")
     from .security import AddressError, check_address
 
     try:

@@ -4,7 +4,9 @@
   one bar per worker, split by resident model, against the worker's model budget.
 * ``/aicluster/workers.json`` (Tornado): the rows of ``cluster.status.worker_rows``.
 * ``/aicluster/jobs.json`` (``?state=running``): the job board (``cluster.jobs``).
-* ``aicluster_*`` gauges on the scheduler's ``/metrics``.
+* ``aicluster_*`` gauges on the scheduler's ``/metrics``, and ``aicluster_http_*`` for the
+  HTTP gateway (``aicluster serve``), which reports each request as a scheduler event that
+  the ``HTTPStats`` plugin adds up.
 
 ``install(scheduler)`` wires the route and the collector into a running scheduler; the
 Bokeh page must be known before the scheduler builds its dashboard, which is why
@@ -15,11 +17,12 @@ from __future__ import annotations
 import json
 import weakref
 
+from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
 from .status import worker_rows
 
-__all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for"]
+__all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for", "HTTPStats"]
 
 PAGE = "/individual-aicluster-models"
 ROUTE = "/aicluster/workers.json"
@@ -36,6 +39,53 @@ def rows_for(scheduler) -> list[dict]:
 
 def _tier_order(scheduler) -> list[str]:
     return getattr(scheduler, "aicluster_tiers", None) or ["VRAM12", "VRAM6", "CPU"]
+
+
+class HTTPStats(SchedulerPlugin):
+    """Requests of the HTTP gateway, added up on the scheduler (a scheduler plugin): per
+    route, model and status; time to first token, tokens and seconds, queue depth per model.
+    Every ``aicluster serve`` process reports its requests as ``aicluster-http`` events."""
+
+    name = "aicluster-http"
+    idempotent = True
+    topic = "aicluster-http"
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.ttft: dict[str, list[float]] = {}       # model -> [sum, count]
+        self.tokens: dict[str, list[float]] = {}     # model -> [tokens, seconds]
+        self.queue: dict[str, int] = {}
+
+    async def start(self, scheduler) -> None:
+        pass
+
+    def log_event(self, topic, msg) -> None:
+        if topic != self.topic or not isinstance(msg, dict):
+            return
+        key = (str(msg.get("route")), str(msg.get("model")), int(msg.get("status", 0)))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        model = key[1]
+        if msg.get("ttft") is not None:
+            t = self.ttft.setdefault(model, [0.0, 0])
+            t[0] += float(msg["ttft"])
+            t[1] += 1
+        if msg.get("tokens"):
+            t = self.tokens.setdefault(model, [0.0, 0.0])
+            t[0] += float(msg["tokens"])
+            t[1] += float(msg.get("seconds") or 0)
+        self.queue.update({str(k): int(v) for k, v in (msg.get("queue") or {}).items()})
+
+    def rows(self) -> list[dict]:
+        """One row per model: requests, errors, mean time to first token, tokens/s, queue."""
+        models = sorted({m for _, m, _ in self.requests} | set(self.queue))
+        out = []
+        for m in models:
+            n = sum(v for (_, mm, _), v in self.requests.items() if mm == m)
+            errors = sum(v for (_, mm, st), v in self.requests.items() if mm == m and st >= 400)
+            t, k = self.ttft.get(m, [0.0, 0]), self.tokens.get(m, [0.0, 0.0])
+            out.append({"model": m, "requests": n, "errors": errors, "ttft_s": t[0] / t[1] if t[1] else None,
+                        "tokens_per_second": k[0] / k[1] if k[1] else None, "queue": self.queue.get(m, 0)})
+        return out
 
 
 class WorkersJSON(web.RequestHandler):
@@ -116,13 +166,31 @@ def _models_doc(scheduler, extra, doc):
                 data["device"].append(f"{b['device']}, {b['dtype']}")
         bench.data = data
 
+    http = ColumnDataSource(dict(model=[], requests=[], errors=[], ttft=[], tps=[], queue=[]))
+    http_table = DataTable(source=http, height=120, sizing_mode="stretch_width", index_position=None, columns=[
+        TableColumn(field="model", title="HTTP gateway: model"), TableColumn(field="requests", title="requests"),
+        TableColumn(field="errors", title="errors"), TableColumn(field="ttft", title="time to first token"),
+        TableColumn(field="tps", title="tokens/s"), TableColumn(field="queue", title="in flight")])
+
+    def update_http():
+        stats = scheduler.plugins.get(HTTPStats.name)
+        rows = stats.rows() if stats else []
+        http.data = {"model": [r["model"] for r in rows], "requests": [r["requests"] for r in rows],
+                     "errors": [r["errors"] for r in rows],
+                     "ttft": ["-" if r["ttft_s"] is None else f"{r['ttft_s'] * 1000:.0f} ms" for r in rows],
+                     "tps": ["-" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.1f}" for r in rows],
+                     "queue": [r["queue"] for r in rows]}
+
     update()
     update_bench()
+    update_http()
     doc.add_periodic_callback(update, 1000)
     doc.add_periodic_callback(update_bench, 5000)
+    doc.add_periodic_callback(update_http, 2000)
     doc.title = "Dask: AI models"
     doc.add_root(fig)
     doc.add_root(table)
+    doc.add_root(http_table)
     doc.theme = BOKEH_THEME
 
 
@@ -163,8 +231,34 @@ def _make_collector():
             for key, n in counts.items():
                 workers.add_metric(list(key), n)
             yield from (workers, budget, used, model, hits, vram)
+            yield from _http_metrics()
 
     return Collector()
+
+
+def _http_metrics():
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    req = CounterMetricFamily("aicluster_http_requests", "HTTP gateway requests by route, model and status",
+                              labels=["route", "model", "status"])
+    ttft = GaugeMetricFamily("aicluster_http_time_to_first_token_seconds", "Mean time to the first token",
+                             labels=["model"])
+    tps = GaugeMetricFamily("aicluster_http_tokens_per_second", "Generated tokens per second of request time",
+                            labels=["model"])
+    queue = GaugeMetricFamily("aicluster_http_queue_depth", "Requests running or waiting per model", labels=["model"])
+    for s in list(_schedulers):
+        stats = s.plugins.get(HTTPStats.name)
+        if stats is None:
+            continue
+        for (route, model, status), n in stats.requests.items():
+            req.add_metric([route, model, str(status)], n)
+        for r in stats.rows():
+            if r["ttft_s"] is not None:
+                ttft.add_metric([r["model"]], r["ttft_s"])
+            if r["tokens_per_second"] is not None:
+                tps.add_metric([r["model"]], r["tokens_per_second"])
+            queue.add_metric([r["model"]], r["queue"])
+    yield from (req, ttft, tps, queue)
 
 
 def install(scheduler, tiers=None) -> None:

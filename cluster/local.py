@@ -110,7 +110,12 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
     }
     # the dashboard's TLS comes from Dask's config, read while the scheduler is built here
     # and handed to the worker processes by their nannies (which keep it for restarts)
-    with ai_worker_environ(), dask.config.set(cfg.dask_settings()):
+    in_process = not (cfg.local.processes if processes is None else processes)
+    # In-process workers share this process: its memory (a notebook's, the other workers')
+    # would read as theirs, and they would pause for memory that is not theirs. Their model
+    # budgets still come from their memory_limit.
+    memory = {"distributed.worker.memory.pause": False} if in_process else {}
+    with ai_worker_environ(), dask.config.set(cfg.dask_settings()), dask.config.set(memory):
         if quiet:
             for name in ("distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core",
                          "distributed.preloading", "distributed.http.proxy", "distributed.deploy"):

@@ -236,7 +236,8 @@ class ModelHost(WorkerPlugin):
                 raise WorkerClosing(f"worker {self.worker.name} is closing; the task runs again on another worker")
             with self._lock:
                 res = self._models.get(name)
-                if res is not None:
+                broken = res is not None and not getattr(res.model, "healthy", True)
+                if res is not None and not broken:
                     self._models.move_to_end(name)
                     res.hits += 1
                     res.last_used = time.time()
@@ -251,6 +252,9 @@ class ModelHost(WorkerPlugin):
                     raise pending.error
                 continue
             try:
+                if broken:  # its batch decoder failed: load it afresh
+                    logger.warning("model %s stopped working on this worker; loading it again", name)
+                    self.unload(name)
                 res = self._load(name, spec)
             except BaseException as e:
                 pending.error = e

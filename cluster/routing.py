@@ -240,8 +240,10 @@ class ModelAffinity(SchedulerPlugin):
         planned: dict[str, float] = {}  # slots given away in this call, not yet on the workers
         for key in tasks or ():
             ts = scheduler.tasks.get(key)
-            if ts is None or ts.worker_restrictions or not ts.resource_restrictions:
-                continue
+            if ts is None or ts.worker_restrictions or not ts.resource_restrictions or ts.state != "released":
+                continue  # only tasks new in this graph (not one already placed under the same key)
+            if any(dep.state != "memory" for dep in ts.dependencies):
+                continue  # it waits for upstream stages: a slot free now says nothing about then
             model = (ts.annotations or {}).get(ANNOTATION, {}).get("model")
             if not model or len(ts.resource_restrictions) != 1:
                 continue

@@ -28,6 +28,8 @@ async def setup_scheduler(scheduler, config=None) -> None:
         scheduler.add_plugin(JobBoard())
     if ModelAffinity.name not in scheduler.plugins:
         scheduler.add_plugin(ModelAffinity(prefer_resident=cfg.routing.prefer_resident))
+    if dashboard.HTTPStats.name not in scheduler.plugins:
+        scheduler.add_plugin(dashboard.HTTPStats())
     dashboard.install(scheduler, tiers=cfg.tier_names)
     warn_if_open("the scheduler", listen_addresses(scheduler))
 

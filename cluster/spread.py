@@ -86,7 +86,8 @@ def _depths(helpers: list[Helper], base: int) -> None:
 
 def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_chunk: Callable,
                on_part: Callable[[int, object, Helper], None] | None = None, depth: int = 2,
-               on_error: Callable[[int, BaseException], None] | None = None) -> dict[int, object]:
+               on_error: Callable[[int, BaseException], None] | None = None,
+               cancelled: Callable[[], bool] = lambda: False) -> dict[int, object]:
     """Run ``chunks`` (``(offset, size)`` pairs) on ``helpers``, each pulling the next chunk
     as one of its own finishes; returns ``{offset: result}``.
 
@@ -102,6 +103,10 @@ def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_
     ac = as_completed([])
 
     def feed(h: Helper) -> None:
+        if cancelled():
+            from .jobs import JobCancelled
+
+            raise JobCancelled("the spread job was cancelled")
         while queue and len(h.pending) < h.depth:
             off, size = queue.pop()
             f = submit_chunk(off, size, h)
@@ -129,8 +134,8 @@ def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_
                 on_part(off, res, h)
             feed(h)
     except BaseException:
-        if owner:
-            ai.client.cancel([f for *_, f in owner.values()], force=True)
+        if owner:  # the chunks still running stop too (a generation within a token or two)
+            ai.cancel([f for *_, f in owner.values()])
         raise
     return results
 
@@ -140,14 +145,30 @@ def _pinned_route(ai, h: Helper, model: str, amount: float) -> routing.Route:
     return routing.Route(tier=h.tier, chain=chain, workers=[h.address], model=model, amount=amount)
 
 
-def _background(fn: Callable, name: str) -> concurrent.futures.Future:
+def _background(fn: Callable[[Callable[[], bool]], object], name: str) -> concurrent.futures.Future:
+    """Run ``fn(cancelled)`` in a thread; its result or error through a Future. Cancelling
+    the Future (``.cancel()``) makes ``cancelled()`` true, and the job stops feeding and
+    cancels its chunks still running."""
     out: concurrent.futures.Future = concurrent.futures.Future()
+    stop = threading.Event()
+    orig_cancel = out.cancel
+
+    def cancel() -> bool:
+        stop.set()
+        return orig_cancel() or True
+
+    out.cancel = cancel  # a running job cannot be cancelled by Future alone: tell it
+    out.set_running_or_notify_cancel()
 
     def run():
         try:
-            out.set_result(fn())
+            value = fn(stop.is_set)
         except BaseException as e:  # handed to the caller through the Future
-            out.set_exception(e)
+            if not out.done():
+                out.set_exception(e)
+            return
+        if not out.done():
+            out.set_result(value)
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return out
@@ -174,9 +195,9 @@ def spread_embed(ai, spec, model: str, items: list[str], params: dict, chunk_siz
         return ai._submit_routed(route, f"embed with {model} (spread)", fn, items[off:off + size], model, spec, params,
                                  offset=off, kind="embed", key=f"embed-{model}-{token}-{off}", priority=priority)
 
-    def job():
+    def job(cancelled=lambda: False):
         chunks = [(o, min(chunk_size, len(items) - o)) for o in range(0, len(items), chunk_size) if o not in skip]
-        parts = run_spread(ai, helpers, chunks, submit_chunk, on_part)
+        parts = run_spread(ai, helpers, chunks, submit_chunk, on_part, cancelled=cancelled)
         if skip:
             return parts  # the caller holds the skipped chunks (a resumed CLI run)
         ordered = [parts[o] for o in sorted(parts)]
@@ -208,9 +229,9 @@ def spread_generate(ai, spec, model: str, prompts: list[str], params: dict | lis
                                  params[i] if isinstance(params, list) else params, index=i, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}",
                                  priority=priority, task_priority=priority)
 
-    def job():
+    def job(cancelled=lambda: False):
         res = run_spread(ai, helpers, [(i, 1) for i in range(len(prompts))], submit_chunk, on_part=on_part,
-                         depth=round(1 / amount), on_error=on_error)
+                         depth=round(1 / amount), on_error=on_error, cancelled=cancelled)
         return [res.get(i) for i in range(len(prompts))]
 
     return job() if wait else _background(job, "aicluster-spread-generate")

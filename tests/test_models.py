@@ -157,16 +157,16 @@ def test_a_worker_that_joins_mid_batch_gets_work(tmp_path, env_with_tests):
     with connect(str(cfg), dashboard_port=0) as ai:
         ai.generate_now("warm up", max_tokens=2)
         wait_metrics(ai, lambda r: "gemma-270m" in r["pc1"].get("models", {}))
-        first = [ai.generate(f"Count to {i}:", max_tokens=24) for i in range(6)]
+        queued = [ai.generate(f"Count to {i}: 1, 2,", max_tokens=24) for i in range(30)]  # all queued on pc1
         late = subprocess.Popen([str(BIN / "aicluster"), "worker", ai.scheduler_address, "--tier", "VRAM12", "--name",
                                  "pc9", "--config", str(cfg), "--host", "127.0.0.1"], env=env_with_tests,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            ai.client.wait_for_workers(2, timeout=120)
-            rest = [ai.generate(f"Tell me about {i}:", max_tokens=24) for i in range(24)]
-            workers = [f.result()["worker"] for f in as_completed(first + rest)]
-            assert workers.count("pc9") >= 3 and "pc1" in workers, workers
+            workers = [f.result()["worker"] for f in as_completed(queued)]
+            assert workers.count("pc9") >= 3 and "pc1" in workers, workers  # it took part of the queue
             assert loads(ai, "gemma-270m") == {"pc1": 1, "pc9": 1}
+            stats = ai.client.run_on_scheduler(lambda dask_scheduler: vars(dask_scheduler.plugins["aicluster-affinity"]))
+            assert stats["pinned"] >= 1 and stats["overflow"] >= 20  # only what fit pc1's slot was pinned
         finally:
             late.terminate()
             late.wait(30)

@@ -48,6 +48,8 @@ def _branch_stage(branch, i: int) -> tuple[str, dict]:
         kind = st.get("kind")
         if kind == "generate":
             st.setdefault("prompt", "{input}")
+        elif kind == "chat":
+            st.setdefault("messages", [{"role": "user", "content": "{input}"}])
         elif kind == "embed":
             st.setdefault("texts", "$input")
         elif kind is not None:

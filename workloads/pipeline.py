@@ -44,16 +44,21 @@ __all__ = ["PipelineError", "StageFailed", "Plan", "PipelineRun", "PipelineResul
 
 STAGE_KEYS = {
     "generate": {"kind", "model", "tier", "prompt", "options", "description", "priority"},
+    "chat": {"kind", "model", "tier", "messages", "options", "description", "priority"},
     "embed": {"kind", "model", "tier", "texts", "options", "description", "priority"},
     "call": {"kind", "tier", "args", "description", "priority"},
 }
 OPTIONS = {
     "generate": {"max_tokens", "temperature", "top_p", "stop", "seed"},
+    "chat": {"max_tokens", "temperature", "top_p", "stop", "seed"},
     "embed": {"batch_size", "normalize", "truncate"},
 }
 GENERATE_DEFAULTS = {"max_tokens": 128, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
 EMBED_DEFAULTS = {"batch_size": 64, "normalize": False, "truncate": False}
-MODEL_BACKENDS = {"generate": ("llamacpp", "transformers"), "embed": ("sentence_transformers",)}
+MODEL_BACKENDS = {"generate": ("llamacpp", "transformers"), "chat": ("llamacpp", "transformers"),
+                  "embed": ("sentence_transformers",)}
+#: stage kinds that run a model (the others call a function)
+MODEL_KINDS = ("generate", "chat", "embed")
 
 
 class PipelineError(ValueError):
@@ -241,10 +246,10 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             continue
         kind_value = st.get("kind")
         if kind_value is None:
-            problems.append(f"{where}: 'kind' is missing; use generate, embed or 'package.module:function'")
+            problems.append(f"{where}: 'kind' is missing; use generate, chat, embed or 'package.module:function'")
             continue
         fn = None
-        if kind_value in ("generate", "embed"):
+        if kind_value in MODEL_KINDS:
             kind = kind_value
         elif callable(kind_value) or (isinstance(kind_value, str) and ":" in kind_value):
             kind = "call"
@@ -255,7 +260,7 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
                     problems.append(f"{where}: kind {kind_value!r} cannot be imported ({type(e).__name__}: {e})")
             fn = kind_value
         else:
-            problems.append(f"{where}: unknown kind {kind_value!r}; use generate, embed or 'package.module:function'")
+            problems.append(f"{where}: unknown kind {kind_value!r}; use generate, chat, embed or 'package.module:function'")
             continue
         unknown = set(st) - STAGE_KEYS[kind]
         if unknown:
@@ -267,7 +272,7 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             problems.append(f"{where}: priority must be an integer (higher runs first), got {priority!r}")
         if tier is not None and tier not in config.tiers:
             problems.append(f"{where}: tier {tier!r} is not a tier; known: {', '.join(config.tiers)}")
-        if kind in ("generate", "embed"):
+        if kind in MODEL_KINDS:
             if model is None:
                 problems.append(f"{where}: a {kind} stage needs a model")
             elif model not in config.models:
@@ -283,19 +288,23 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
                 if bad:
                     problems.append(f"{where}: unknown option(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(OPTIONS[kind]))}")
                 mt = opts.get("max_tokens", 1)
-                if kind == "generate" and (isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0):
+                if kind != "embed" and (isinstance(mt, bool) or not isinstance(mt, int) or mt <= 0):
                     problems.append(f"{where}: options.max_tokens must be a positive integer, got {mt!r}")
                 stop = opts.get("stop", [])
-                if kind == "generate" and not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+                if kind != "embed" and not (isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
                     problems.append(f"{where}: options.stop must be a list of strings, e.g. [\"\\n\"], got {stop!r}")
                 for key, typ in (("temperature", (int, float)), ("top_p", (int, float)), ("batch_size", int)):
                     if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], typ) or opts[key] < 0):
                         problems.append(f"{where}: options.{key} must be a non-negative number, got {opts[key]!r}")
-            needed = "prompt" if kind == "generate" else "texts"
+            needed = {"generate": "prompt", "chat": "messages", "embed": "texts"}[kind]
             if needed not in st:
                 problems.append(f"{where}: a {kind} stage needs {needed!r}")
+            elif kind == "chat" and not (isinstance(st["messages"], list) and st["messages"] and all(
+                    isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and "content" in m
+                    for m in st["messages"])):
+                problems.append(f"{where}: messages must be a list of {{role: system|user|assistant, content: ...}}")
         try:
-            refs = _refs_in({k: v for k, v in st.items() if k in ("prompt", "texts", "args")})
+            refs = _refs_in({k: v for k, v in st.items() if k in ("prompt", "texts", "args", "messages")})
         except PipelineError as e:
             problems.append(f"{where}: {e.problems[0]}")
             refs = []
@@ -343,6 +352,17 @@ def run_stage(pipeline: str, stage: str, kind: str, st: dict, fn, params: dict, 
         opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
         out = generate_task(prompt, model, model_spec, opts, task_priority=task_priority)
         out["prompt"] = prompt
+        output = out
+        info = {k: out[k] for k in ("tier", "simulated")}
+    elif kind == "chat":
+        from .llm import generate_task
+
+        msgs = resolve(st["messages"], env)
+        opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
+        from cluster.client import _check_messages
+
+        out = generate_task(None, model, model_spec, opts, task_priority=task_priority, messages=_check_messages(msgs))
+        out["messages"] = msgs
         output = out
         info = {k: out[k] for k in ("tier", "simulated")}
     elif kind == "embed":
@@ -436,8 +456,8 @@ class PipelineRun:
 def route_stage(ai, sp: StagePlan, what: str):
     """``(model spec, Route)`` for a stage: a model's tier (or the stage's override), the
     stage's tier for a function, or ``(None, None)`` for a function that runs anywhere."""
-    if sp.kind in ("generate", "embed"):
-        verb = "generate text" if sp.kind == "generate" else "embed texts"
+    if sp.kind in MODEL_KINDS:
+        verb = {"generate": "generate text", "chat": "chat", "embed": "embed texts"}[sp.kind]
         return ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
     if sp.tier is not None:
         return None, ai.route(sp.tier, what)

@@ -6,7 +6,7 @@ Loaded models offer ``nbytes`` (weights held), ``close()``, and either
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "ContextTooLong", "WrongModelKind", "TextGenerator", "precheck"]
+__all__ = ["InputError", "ContextTooLong", "WrongModelKind", "TextGenerator", "precheck", "chat_prompt"]
 
 
 class InputError(ValueError):
@@ -75,3 +75,13 @@ def precheck(spec, items: list[str], name: str, max_tokens: int | None = None, f
 
         return check(spec, items, name, truncate, first_index or 0)
     return False
+
+
+def chat_prompt(spec, messages: list[dict], name: str) -> tuple[str, list[str]] | None:
+    """``(prompt, stops)`` for chat ``messages`` without loading the model (llama.cpp, when
+    its file is on this machine); None when only the worker can tell (it formats them)."""
+    if spec.backend == "llamacpp":
+        from .llamacpp import chat_prompt as fmt
+
+        return fmt(spec, messages, name)
+    return None

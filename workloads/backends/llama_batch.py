@@ -82,6 +82,7 @@ class _Slot:
     seq: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds
     request: Request | None = None
+    idle_since: float = 0.0
 
 
 class BatchEngine:
@@ -143,20 +144,40 @@ class BatchEngine:
             self._cv.notify()
         return req
 
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        """Queue ``reqs`` at once: the loop admits them together (the same requests submitted
+        together are decoded in the same batches, so greedy output repeats exactly)."""
+        with self._cv:
+            if self._closed:
+                raise RuntimeError(f"model {self.name!r} was unloaded")
+            for req in reqs:
+                heapq.heappush(self._waiting, (-req.priority, next(self._arrivals), req))
+            self._cv.notify()
+        return reqs
+
     def active(self) -> int:
         return sum(1 for s in self.slots if s.request is not None)
 
-    def close(self) -> None:
-        """Stop: requests still running or waiting end with an error. Idempotent."""
+    @property
+    def healthy(self) -> bool:
+        """False once the engine stopped (closed, or its loop failed): the model must be loaded again."""
+        return not self._closed
+
+    def close(self, timeout: float = 30) -> bool:
+        """Stop: requests still running or waiting end with an error. The loop thread frees
+        the context on its way out (never under a running ``llama_decode``); returns False
+        when it did not stop within ``timeout`` (its memory is then left to the process)."""
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        if self.batch is not None:
-            self.lib.llama_batch_free(self.batch)
-            self.batch = None
-            self.ctx.close()
+        if self._thread is threading.current_thread():
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the batch decoder of model %s did not stop within %.0f s; its memory stays allocated",
+                           self.name, timeout)
+            return False
+        return True
 
     # -- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -174,6 +195,11 @@ class BatchEngine:
             self._fail_all(RuntimeError(f"the batch decoder of model {self.name!r} failed: {e}"))
         else:
             self._fail_all(RuntimeError(f"model {self.name!r} was unloaded while generating"))
+        finally:
+            # this thread owns the context: it frees it, after its last llama_decode
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+            self.ctx.close()
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
@@ -188,42 +214,53 @@ class BatchEngine:
                 r.done.set()
 
     def _admit(self) -> None:
-        """Free slots take waiting requests, best priority first; each goes to the free slot
-        whose cached tokens share the longest prefix with its prompt."""
-        while self._waiting:
-            free = [s for s in self.slots if s.request is None]
-            if not free:
-                return
-            _, _, req = heapq.heappop(self._waiting)
-            best, common = free[0], -1
-            for s in free:
-                n = _common_prefix(s.cached, req.prompt_ids)
-                if n > common:
-                    best, common = s, n
-            # the last prompt token is always decoded again: its logits give the first token.
-            # A short shared start (the BOS token, a word) saves nothing and would make the
-            # prompt's prefill a different computation than a fresh one: reuse long prefixes only
-            keep = min(common, len(req.prompt_ids) - 1)
-            if keep < self.min_reuse:
-                keep = 0
-            if not self.active():
-                # A request that starts alone gets the context to itself, as a fresh one:
-                # cells other idle slots keep would widen every attention step (and change
-                # its float sums, so its tokens could differ from a single-sequence run)
-                for s in free:
-                    if s is not best and s.cached:
-                        self.lib.llama_memory_seq_rm(self.memory, s.seq, -1, -1)
-                        s.cached = []
-            if not self.lib.llama_memory_seq_rm(self.memory, best.seq, keep, -1):
+        """Free slots take waiting requests, best priority first. A request goes to the free
+        slot whose cached tokens share the longest prefix with its prompt (``min_reuse`` at
+        least), else to the empty slot with the lowest number, else to the slot idle longest.
+
+        When nothing is decoding, the slots no waiting request reuses are cleared first: a
+        batch that starts on an idle engine starts from the same state whatever ran before,
+        so the same requests submitted together give the same tokens, and a lone request
+        computes exactly as in a fresh single-sequence context.
+        """
+        if not self._waiting:
+            return
+        free = [s for s in self.slots if s.request is None]
+        take = [heapq.heappop(self._waiting)[2] for _ in range(min(len(free), len(self._waiting)))]
+        take = [r for r in take if not self._cancelled(r)]  # cancelled while waiting: no slot, no prefill
+
+        def reuse(s: _Slot, req: Request) -> int:
+            # the last prompt token is always decoded again (its logits give the first token);
+            # a short shared start (the BOS token, a word) saves nothing
+            n = min(_common_prefix(s.cached, req.prompt_ids), len(req.prompt_ids) - 1)
+            return n if n >= self.min_reuse else 0
+
+        chosen: dict[int, tuple[_Slot, int]] = {}
+        for k, req in enumerate(take):  # prefix reuse first
+            best = max(free, key=lambda s: reuse(s, req), default=None)
+            if best is not None and reuse(best, req):
+                chosen[k] = (best, reuse(best, req))
+                free.remove(best)
+        if not self.active():
+            for s in free:  # (cells a cancelled prefill left are not in `cached`: clear them all)
+                self.lib.llama_memory_seq_rm(self.memory, s.seq, -1, -1)
+                s.cached = []
+        for k, req in enumerate(take):
+            if k not in chosen:
+                slot = min(free, key=lambda s: (bool(s.cached), s.idle_since if s.cached else s.seq))
+                chosen[k] = (slot, 0)
+                free.remove(slot)
+            slot, keep = chosen[k]
+            if not self.lib.llama_memory_seq_rm(self.memory, slot.seq, keep, -1):
                 # this model's cache cannot drop a tail (recurrent state): start the sequence over
-                self.lib.llama_memory_seq_rm(self.memory, best.seq, -1, -1)
+                self.lib.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
                 keep = 0
-            best.cached = best.cached[:keep]
-            best.request, req.slot = req, best
+            slot.cached = slot.cached[:keep]
+            slot.request, req.slot = req, slot
             req.fed = req.reused = keep
             req.t_start = time.perf_counter()
             req.sampler = self._sampler(req)
-            self.max_active = max(self.max_active, self.active())
+        self.max_active = max(self.max_active, self.active())
 
     def _sampler(self, req: Request):
         lib = self.lib
@@ -241,12 +278,27 @@ class BatchEngine:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
+    def _cancelled(self, r: Request) -> bool:
+        """Poll the request's cancel flag; a request cancelled (or whose flag fails) ends here."""
+        try:
+            stop = r.should_stop is not None and r.should_stop()
+        except BaseException as e:
+            r.error = e
+            self._release(r)
+            return True
+        if stop:
+            r.finish = "cancelled"
+            self._finish(r)
+        return bool(stop)
+
     def _step(self) -> None:
         """One ``llama_decode``: a token per decoding sequence, then prompt tokens."""
         b = self.batch
         n = 0
         sample_at: list[tuple[int, Request]] = []
         running = [s.request for s in self.slots if s.request is not None]
+        # a request cancelled during its prefill stops before the next chunk
+        running = [r for r in running if r.pending is not None or not r.fed or not self._cancelled(r)]
         for r in running:  # decoding sequences first: they never wait for someone's prefill
             if r.pending is not None:
                 self._put(n, r.pending, r.fed + len(r.out_ids) - 1, r.slot.seq, True)
@@ -268,8 +320,17 @@ class BatchEngine:
         b.n_tokens = n
         rc = self.lib.llama_decode(self.ctx.ctx, b)
         self.steps += 1
-        if rc != 0:  # 1: no room in the KV cache (cannot happen with n_ctx per sequence), <0: error
-            raise RuntimeError(f"llama_decode returned {rc}")
+        if rc != 0:
+            # 1: no room in the KV cache (cannot happen with n_ctx cells per sequence), <0: an
+            # error: the requests of this batch fail, their cells are dropped, the engine goes on
+            err = RuntimeError(f"llama_decode returned {rc} for model {self.name!r}")
+            for r in running:
+                if r.slot is not None:
+                    self.lib.llama_memory_seq_rm(self.memory, r.slot.seq, -1, -1)
+                    r.slot.cached = []
+                r.error = err
+                self._release(r)
+            return
         now = time.perf_counter()
         for i, r in sample_at:
             if r.pending is None and r.t_prefill is None:
@@ -309,20 +370,27 @@ class BatchEngine:
             hold = max((len(s) - 1 for s in r.stop), default=0)  # what could start a stop string
             safe = len(text) - hold
             if safe > r.emitted:
-                r.on_token(text[r.emitted:safe])
+                try:
+                    r.on_token(text[r.emitted:safe])
+                except BaseException as e:  # the request's own callback: it alone fails
+                    r.error = e
+                    return self._release(r)
                 r.emitted = safe
         if len(r.out_ids) >= r.max_tokens:
             return self._finish(r)
-        if r.should_stop is not None and r.should_stop():
-            r.finish = "cancelled"
-            return self._finish(r)
+        if self._cancelled(r):
+            return
         r.pending = tok
 
     def _finish(self, r: Request) -> None:
         t_end = time.perf_counter()
-        text = r.text_bytes.decode("utf-8", errors="replace")
+        text = r.text_bytes.decode("utf-8", errors="ignore")  # as the streamed pieces were decoded
         if r.on_token is not None and len(text) > r.emitted:
-            r.on_token(text[r.emitted:])
+            try:
+                r.on_token(text[r.emitted:])
+            except BaseException as e:
+                r.error = e
+                return self._release(r)
         r.result = {
             "text": text,
             "prompt_tokens": len(r.prompt_ids),
@@ -341,7 +409,11 @@ class BatchEngine:
             self.lib.llama_sampler_free(r.sampler)
             r.sampler = None
         if r.slot is not None:
+            if r.pending is None and r.fed > len(r.slot.cached):
+                # a prefill cut short (cancel, error): its cells are not a cached prefix
+                self.lib.llama_memory_seq_rm(self.memory, r.slot.seq, len(r.slot.cached), -1)
             r.slot.request = None  # its cells stay: a later prompt with the same start reuses them
+            r.slot.idle_since = time.perf_counter()
             r.slot = None
         r.done.set()
 

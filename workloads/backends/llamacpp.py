@@ -26,10 +26,12 @@ class LlamaModel(TextGenerator):
     #: ModelHost lets many tasks use this model at once (the engine serialises the decoding)
     concurrent = True
 
-    def __init__(self, model, path: Path, name: str, n_ctx: int, parallel: int, n_threads: int, **engine_opts):
+    def __init__(self, model, path: Path, name: str, n_ctx: int, parallel: int, n_threads: int,
+                 chat_format: str | None = None, **engine_opts):
         from .llama_batch import BatchEngine
 
         self.model, self.path, self.name, self.n_ctx, self.parallel = model, path, name, n_ctx, parallel
+        self.chat_format = chat_format
         self.engine = BatchEngine(model, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads, name=name, **engine_opts)
         # the weights are mmap'd from this file (on a GPU tier they are copied to VRAM)
         self.nbytes = path.stat().st_size
@@ -39,6 +41,12 @@ class LlamaModel(TextGenerator):
 
     def detokenize(self, ids: list[int]) -> str:
         return self.model.detokenize(ids, special=False).decode("utf-8", errors="ignore")
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
+        """``(prompt, stops)`` of chat ``messages`` with this model's template (``chat.py``)."""
+        from .chat import llama_chat_prompt
+
+        return llama_chat_prompt(self.model, messages, self.chat_format, self.name)
 
     def submit(
         self,
@@ -69,6 +77,11 @@ class LlamaModel(TextGenerator):
         """
         return self.submit(prompt, **kwargs).wait()
 
+    @property
+    def healthy(self) -> bool:
+        """False when the batch decoder stopped (the worker's ModelHost loads the model again)."""
+        return self.engine is not None and self.engine.healthy
+
     def abort(self) -> None:
         """End every generation now (with an error) and take no more; ``close`` frees the model."""
         if self.engine is not None:
@@ -76,7 +89,11 @@ class LlamaModel(TextGenerator):
 
     def close(self) -> None:
         if self.engine is not None:
-            self.engine.close()
+            if not self.engine.close():
+                # its loop is still inside llama_decode: freeing the weights under it would crash
+                # the process; they stay allocated (the engine logged a warning)
+                self.engine, self.model = None, None
+                return
             self.engine = None
         if self.model is not None:
             self.model.close()
@@ -124,7 +141,7 @@ def prepare() -> None:
 
 
 #: options.<key> this backend understands (see the README's Backends table)
-OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "n_batch", "n_ubatch", "use_mmap")
+OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "chat_format", "n_batch", "n_ubatch", "use_mmap")
 
 
 def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
@@ -143,8 +160,11 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Ll
     n_ctx = int(opts.get("n_ctx", 2048))
     n_threads = int(opts.get("n_threads", threads))
     parallel = int(opts.get("parallel", 8))
-    if parallel < 1:
-        raise InputError(f"models.{name}.options.parallel must be at least 1, got {parallel}")
+    n_batch = int(opts.get("n_batch", 512))
+    most = min(n_batch, llama_cpp.llama_max_parallel_sequences())
+    if not 1 <= parallel <= most:
+        raise InputError(f"models.{name}.options.parallel must be between 1 and {most} (llama.cpp's limit and "
+                         f"n_batch), got {parallel}")
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
     params.use_mmap = bool(opts.get("use_mmap", True))
@@ -165,8 +185,8 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Ll
         # prefix_cache: false turns prompt-prefix reuse off (no prefix is ever long enough)
         min_reuse = 32 if opts.get("prefix_cache", True) else n_ctx + 1
         return LlamaModel(model, Path(path), name, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads,
-                          n_batch=int(opts.get("n_batch", 512)), n_ubatch=int(opts.get("n_ubatch", 512)),
-                          min_reuse=min_reuse)
+                          chat_format=opts.get("chat_format"), n_batch=n_batch,
+                          n_ubatch=int(opts.get("n_ubatch", 512)), min_reuse=min_reuse)
     except BaseException:
         model.close()
         raise
@@ -207,3 +227,14 @@ def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: 
         if n + max_tokens > n_ctx:
             raise ContextTooLong(name, n, max_tokens, n_ctx, None if first_index is None else first_index + i)
     return True
+
+
+def chat_prompt(spec, messages: list[dict], name: str) -> tuple[str, list[str]] | None:
+    """``(prompt, stops)`` of chat ``messages`` from the model's vocabulary alone, or None
+    when the model file is not on this machine (the worker formats them)."""
+    from .chat import llama_chat_prompt
+
+    path = local_path(spec.source)
+    if path is None or not path.is_file():
+        return None
+    return llama_chat_prompt(_vocab(path), messages, spec.options.get("chat_format"), name)

@@ -21,12 +21,34 @@ from ._source import resolve_source
 
 class TransformersLM(TextGenerator):
 
-    def __init__(self, model, tokenizer, name: str, device: str, n_ctx: int):
+    def __init__(self, model, tokenizer, name: str, device: str, n_ctx: int, chat_format: str | None = None):
         self.model, self.tokenizer, self.name, self.device, self.n_ctx = model, tokenizer, name, device, n_ctx
+        self.chat_format = chat_format
         self.nbytes = int(model.get_memory_footprint())
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
+        """``(prompt, stops)`` of chat ``messages`` with the tokenizer's chat template."""
+        from .chat import NoChatTemplate, named_format
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            try:
+                prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # the template's raise_exception (roles that do not alternate, ...)
+                raise InputError(f"model {self.name!r}: its chat template refuses these messages: {e}") from None
+        elif self.chat_format:
+            prompt = named_format(self.chat_format, messages, self.name).prompt
+        else:
+            raise NoChatTemplate(f"model {self.name!r} cannot chat: its tokenizer has no chat template and config.yaml "
+                                 f"names none; set models.{self.name}.options.chat_format (e.g. chatml), or use "
+                                 "generate with a prompt")
+        if tok.bos_token and prompt.startswith(tok.bos_token):
+            prompt = prompt[len(tok.bos_token):]  # the tokenizer adds it
+        # the end of the turn is the tokenizer's EOS, which generation stops at (it never shows in the text)
+        return prompt, []
 
     def generate(
         self,
@@ -165,6 +187,7 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Tr
     opts = dict(spec.options)
     dtype = _dtype(str(opts.pop("dtype", "auto")), device)
     n_ctx = opts.pop("n_ctx", None)
+    chat_format = opts.pop("chat_format", None)
     path = Path(resolve_source(spec.source))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -180,4 +203,4 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Tr
     model.eval()
     if n_ctx is None:
         n_ctx = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return TransformersLM(model, tokenizer, name, device, int(n_ctx))
+    return TransformersLM(model, tokenizer, name, device, int(n_ctx), chat_format=chat_format)
