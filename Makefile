@@ -11,12 +11,30 @@ NB_STAMP := $(VENV)/.notebook
 $(PY):
 	python3 -m venv $(VENV)
 
+# llama-cpp-python is built from source with ggml RPC (models split across workers, see
+# README "Models bigger than one GPU"). pip's own wheel cache ignores CMAKE_ARGS (it would
+# hand back a wheel built without RPC), so the wheel is built once with `pip wheel` into a
+# folder keyed by version, flags and machine, and installed from there: only the first
+# install compiles (about 8 minutes on 2 cores). On a PC with an NVIDIA GPU:
+#   make install LLAMA_CMAKE_ARGS="-DGGML_RPC=ON -DGGML_CUDA=ON"
+LLAMA_VERSION ?= 0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=ON
+WHEEL_CACHE ?= $(HOME)/.cache/aicluster/wheels
+LLAMA_KEY := $(shell printf '%s %s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' "$$(uname -m)" | sha1sum | cut -c1-12)
+LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
+
 # torch first, from the CPU build on this disk (a plain `torch` requirement could pull a
-# multi-GB CUDA build); then the project with its test extras. pip caches the
-# llama-cpp-python wheel, so only the first install compiles it (about 5 minutes).
-$(STAMP): pyproject.toml | $(PY)
+# multi-GB CUDA build); then the llama.cpp binding from the wheel cache; then the project
+# with its test extras.
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { \
+		echo "building llama-cpp-python $(LLAMA_VERSION) with $(LLAMA_CMAKE_ARGS) (once, ~8 min)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir \
+			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS).tmp \
+		&& mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
+	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -48,6 +66,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/prefix.py
 	HF_HUB_OFFLINE=1 $(PY) bench/spread.py
 	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
+	HF_HUB_OFFLINE=1 $(PY) bench/sharded.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -132,9 +132,14 @@ async def _until(*aws) -> None:
               help="The nanny's port (default: worker.nanny_port; 0 = any free port).")
 @click.option("--no-nanny", is_flag=True, help="Run the worker in this process (no restart on crash).")
 @click.option("--once", is_flag=True, help="Exit when the scheduler goes away instead of reconnecting.")
+@click.option("--shard-server/--no-shard-server", default=None,
+              help="Run a shard server so that models split across workers can place layers here (default: "
+                   "worker.shard_server, off). ggml RPC has no authentication or TLS: LAN addresses only.")
+@click.option("--shard-port", type=click.IntRange(0, 65535), default=None,
+              help="The shard server's port, for a firewall rule (default: worker.shard_port, 50052).")
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 def worker(address, tier, name, nthreads, memory_limit, host, listen_address, worker_port, nanny_port, no_nanny, once,
-           config_path):
+           shard_server, shard_port, config_path):
     """Run a worker that joins ADDRESS (default: scheduler.address in config).
 
     Same as `dask worker ADDRESS --preload cluster.worker`, but comes back by itself when
@@ -146,6 +151,7 @@ def worker(address, tier, name, nthreads, memory_limit, host, listen_address, wo
       aicluster worker tcp://192.168.1.10:8786              # tier from the GPU found
       aicluster worker tcp://192.168.1.10:8786 --tier CPU   # keep the GPU out of it
       aicluster worker tls://192.168.1.10:8786 --host 192.168.1.11 --worker-port 9000 --nanny-port 9001
+      aicluster worker tcp://192.168.1.10:8786 --host 192.168.1.11 --shard-server   # holds layers of split models
     """
     _setup_logging(True)
     cfg = load_cfg(config_path)
@@ -173,7 +179,9 @@ def worker(address, tier, name, nthreads, memory_limit, host, listen_address, wo
     opts = {
         "nthreads": nthreads or cfg.worker.nthreads,
         "preload": ["cluster.worker"],
-        "preload_argv": (["--config", cfg.path] if cfg.path else []) + (["--tier", tier] if tier else []),
+        "preload_argv": (["--config", cfg.path] if cfg.path else []) + (["--tier", tier] if tier else [])
+        + ([] if shard_server is None else ["--shard-server" if shard_server else "--no-shard-server"])
+        + ([] if shard_port is None else ["--shard-port", str(shard_port)]),
         "security": cfg.security_object(),
         "host": host or None,
         "protocol": cfg.scheme,
@@ -422,7 +430,8 @@ For a plain `dask worker`: dask worker tls://SCHEDULER_PC:8786 --preload cluster
   --tls-ca-file {folder}/ca.pem --tls-cert {folder}/THIS_PC.pem --tls-key {folder}/THIS_PC.key""")
 
 
-from .cli_batch import bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd, submit_cmd  # noqa: E402
+from .cli_batch import (bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd, shard_cmd,  # noqa: E402
+                        submit_cmd)
 
 main.add_command(embed_cmd)
 main.add_command(generate_cmd)
@@ -431,6 +440,7 @@ main.add_command(jobs_cmd)
 main.add_command(cancel_cmd)
 main.add_command(bench_cmd)
 main.add_command(submit_cmd)
+main.add_command(shard_cmd)
 
 if __name__ == "__main__":
     main()

@@ -565,3 +565,56 @@ def submit_cmd(jobs_file, output, force, in_flight, priority, address, config_pa
     click.echo(f"results: {output}")
     if res["stats"]["failed"]:
         raise SystemExit(1)
+
+
+@click.command("shard")
+@click.argument("model")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--workers", default=None,
+              help="Comma-separated worker names or addresses to split over, head first (default: the planner "
+                   "chooses the fewest workers of the best tiers that hold it).")
+@click.option("--load", is_flag=True, help="Load the model across the planned workers now, with a progress bar.")
+@click.option("--prompt", default=None, help="After loading, generate for this prompt (greedy) and print it.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens for --prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def shard_cmd(model, address, workers, load, prompt, max_tokens, as_json, config_path):
+    """Show how MODEL splits by layers across the workers' shard servers (and load it).
+
+    Only workers started with --shard-server (worker.shard_server in config.yaml) hold
+    layers; see the README, "Models bigger than one GPU".
+
+    \b
+    Examples:
+      aicluster shard gemma-270m-split --address tcp://192.168.1.10:8786
+      aicluster shard gemma-270m-split --address tcp://192.168.1.10:8786 --load
+      aicluster shard gemma-270m-split --workers pc1-VRAM12-9000,pc2-VRAM6-9000 --load --prompt "Hello"
+    """
+    from .shards import ShardPlanError, ShardServerError
+
+    names = [w.strip() for w in workers.split(",") if w.strip()] if workers else None
+    with _connect(address, config_path) as ai:
+        try:
+            if model not in ai.config.models:
+                raise click.ClickException(f"{model!r} is not a model; models: {', '.join(ai.config.models)}")
+            spec = ai.config.model(model)
+            plan = ai.plan_shards(model, workers=names)
+            click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else str(plan))
+            if not (load or prompt):
+                return
+            if not spec.sharded:
+                raise click.ClickException(f"model {model!r} has no `shard:` in config.yaml, so it is not loaded split; "
+                                           f"add `shard: true` (or shard: {{workers: [...]}}) to models.{model}")
+            if names and names != spec.shard_workers:
+                from .config import ShardConfig
+
+                ai.config.models[model] = spec.model_copy(update={"shard": ShardConfig(workers=names)})
+            info = ai.load_model(model)
+            click.echo(f"loaded {model}: head {info.get('worker')}, {info['load_seconds']:.1f} s")
+            if prompt:
+                out = ai.generate(prompt, model=model, max_tokens=max_tokens).result()
+                click.echo(out["text"])
+        except (ShardPlanError, ShardServerError, ValueError, MemoryError) as e:
+            raise click.ClickException(str(e)) from None
+        except RuntimeError as e:
+            _fail(e)

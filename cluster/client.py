@@ -33,6 +33,7 @@ TASKS = {
     "generate": "workloads.llm:generate_task",
     "embed": "workloads.embeddings:embed_task",
     "concat": "workloads.embeddings:concat_task",
+    "load": "workloads.llm:load_task",
 }
 GENERATE_BACKENDS = ("llamacpp", "transformers")
 EMBED_BACKENDS = ("sentence_transformers",)
@@ -210,6 +211,11 @@ class AICluster:
         if spec.backend in sum((GENERATE_BACKENDS, EMBED_BACKENDS), ()) and spec.backend not in kinds:
             raise ValueError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
                              + ", ".join(n for n, m in self.config.models.items() if m.backend in kinds))
+        if spec.sharded and "llamacpp" in kinds:
+            # split across workers: the head that holds it, or a new plan (cluster/shards.py)
+            from . import shards
+
+            return shards.route_for(self, model, spec, int(spec.options.get("parallel", 8)))
         chain = self.config.fallback_chain(tier or spec.tier)
         if tier is not None:
             self._check_tier(tier)
@@ -257,7 +263,7 @@ class AICluster:
             raise ValueError("stream=True takes a single prompt")
         spec, route = self._model_route(model, GENERATE_BACKENDS, "generate text", tier)
         precheck(spec, prompts, model, max_tokens=max_tokens, first_index=None if single else 0)
-        if spread:
+        if spread and not spec.sharded:  # a split model has one head: its batch takes every prompt
             from .spread import spread_generate
 
             return spread_generate(self, spec, model, prompts, params, tier=tier, priority=priority)
@@ -372,8 +378,25 @@ class AICluster:
         return self.embed(texts, **kwargs).result()
 
     def unload(self, model: str) -> dict[str, bool]:
-        """Unload ``model`` from every worker; ``{worker: was_resident}``."""
+        """Unload ``model`` from every worker (a split model: its head, and the layers its
+        workers' shard servers held); ``{worker: was_resident}``."""
         return self.client.run(_unload_on_worker, model)
+
+    # -- models split across workers (cluster/shards.py) ----------------------------------------
+    def plan_shards(self, model: str, workers: Sequence[str] | None = None):
+        """How ``model`` would be split across the workers that run a shard server now: a
+        ``ShardPlan`` (a table in Jupyter and ``print``). ``workers`` (names or addresses,
+        head first): split over exactly these. Raises ``ShardPlanError`` naming the shortfall."""
+        from .shards import plan_for
+
+        return plan_for(self, model, list(workers) if workers else None)
+
+    def load_model(self, model: str, progress: bool = True) -> dict:
+        """Load ``model`` now (a split model: across its planned workers, with a progress bar
+        of the layers sent) rather than on first use; returns the head's resident info."""
+        from .shards import load_model
+
+        return load_model(self, model, progress)
 
     # -- pipelines and patterns (workloads/pipeline.py, workloads/patterns.py) ---------------
     def pipeline(self, spec, priority: int = 0, **params):
@@ -553,7 +576,8 @@ async def _unload_on_worker(model: str, dask_worker=None) -> bool:
         return False
     # in a thread: unload waits for a task that is using the model, and the worker's
     # event loop (heartbeats) must not wait with it
-    return bool(await asyncio.to_thread(host.unload, model))
+    was = bool(await asyncio.to_thread(host.unload, model))
+    return host.release_shard(model) or was
 
 
 def _sampling(max_tokens, temperature, top_p, stop, seed) -> dict:
@@ -653,10 +677,12 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
         try:
             client = Client(cluster, security=cfg.security_object())
             client.wait_for_workers(len(cfg.local.workers), timeout=timeout)
+            ai = AICluster(client, cfg, cluster)
+            _wait_for_hosts(client, len(cfg.local.workers), timeout=15)
         except BaseException:
             cluster.close()  # do not leave worker processes behind
             raise
-        return AICluster(client, cfg, cluster)
+        return ai
     if cluster_kwargs:
         raise TypeError(f"{', '.join(cluster_kwargs)} only apply to the embedded cluster (address=None)")
     from .security import check_address
@@ -670,6 +696,18 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
             f"`dask scheduler --preload cluster.scheduler`) running there, and is the port open?"
         ) from None
     return AICluster(client, cfg)
+
+
+def _hosts_reporting(dask_scheduler=None) -> int:
+    return sum(1 for ws in dask_scheduler.workers.values() if "aicluster" in (ws.metrics or {}))
+
+
+def _wait_for_hosts(client, n: int, timeout: float) -> None:
+    """Until ``n`` workers' heartbeats carry their ModelHost (budget, models, shard server),
+    so that the first ``status()`` of a new embedded cluster shows them (at most ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(_hosts_reporting) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 MAIN_GUARD_HELP = (

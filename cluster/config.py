@@ -59,6 +59,11 @@ class TierConfig(_Strict):
         return self.min_vram > 0
 
 
+class ShardConfig(_Strict):
+    #: worker names or addresses to split over, head first (empty: the planner chooses)
+    workers: list[str] = Field(default_factory=list)
+
+
 class ModelConfig(_Strict):
     backend: str
     source: str
@@ -66,6 +71,16 @@ class ModelConfig(_Strict):
     footprint: int = 0
     preload: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
+    #: split by layers across workers' shard servers (llamacpp only): true, or {workers: [...]}
+    shard: Union[bool, ShardConfig] = False
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shard)
+
+    @property
+    def shard_workers(self) -> list[str]:
+        return list(self.shard.workers) if isinstance(self.shard, ShardConfig) else []
 
     _v = field_validator("footprint", mode="before")(lambda cls, v: _size(v))
 
@@ -105,6 +120,9 @@ class WorkerConfig(_Strict):
     model_budget: float = Field(default=0.8, gt=0, le=1)
     torch_threads: int = Field(default=1, ge=1)
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    #: run a ggml RPC shard server (models split across workers); no auth, no TLS: off by default
+    shard_server: bool = False
+    shard_port: int = Field(default=50052, ge=0, le=65535)
 
     @field_validator("memory_limit", mode="before")
     @classmethod
@@ -117,6 +135,9 @@ class LocalWorkerConfig(_Strict):
     tier: str
     nthreads: int = Field(default=1, ge=1)
     memory_limit: Union[int, Literal["auto"]] = "auto"
+    shard_server: bool = False
+    #: 0: a free port
+    shard_port: int = Field(default=0, ge=0, le=65535)
 
     _v = field_validator("memory_limit", mode="before")(WorkerConfig._mem.__func__)
 
@@ -271,6 +292,10 @@ def _check_references(cfg: Config) -> list[str]:
         errors.append(f"tiers: one tier must have min_vram: 0 (for workers without a GPU); tiers: {known}")
     for name, m in cfg.models.items():
         check(f"models.{name}.tier", m.tier)
+        if m.sharded and m.backend != "llamacpp":
+            errors.append(f"models.{name}.shard: only llamacpp models can be split across workers, not {m.backend}")
+        if "shard_plan" in m.options:
+            errors.append(f"models.{name}.options.shard_plan: set by the planner, not in config (use shard:)")
     for tier, chain in cfg.routing.fallback.items():
         check(f"routing.fallback.{tier}", tier)
         for i, t in enumerate(chain):

@@ -141,6 +141,14 @@ def _models_doc(scheduler, extra, doc):
                              ("color", colors[name]), ("mb", m["bytes"] / 1e6), ("kind", r["memory_kind"].upper())):
                     data[k].append(v)
                 left += gb
+            for name, nbytes in (r.get("shards") or {}).items():  # layers of a split model held here
+                gb = nbytes / 1e9
+                key = f"{name} (layers)"
+                colors.setdefault(key, Category10_10[len(colors) % 10])
+                for k, v in (("worker", label), ("left", left), ("right", left + gb), ("model", key),
+                             ("color", colors[key]), ("mb", nbytes / 1e6), ("kind", r["memory_kind"].upper())):
+                    data[k].append(v)
+                left += gb
             bud["worker"].append(label)
             bud["budget"].append((r["budget"] or 0) / 1e9)
             bud["label"].append("budget")
@@ -214,6 +222,10 @@ def _make_collector():
             model = GaugeMetricFamily("aicluster_model_bytes", "Bytes of one resident model", labels=["worker", "tier", "model"])
             hits = GaugeMetricFamily("aicluster_model_hits", "Requests served by a resident model", labels=["worker", "model"])
             vram = GaugeMetricFamily("aicluster_vram_total_bytes", "GPU memory of a worker's device", labels=["worker", "tier"])
+            shard = GaugeMetricFamily("aicluster_shard_bytes", "Bytes of a split model's layers this worker's shard "
+                                      "server holds", labels=["worker", "tier", "model"])
+            server = GaugeMetricFamily("aicluster_shard_server_up", "1 when the worker's shard server runs",
+                                       labels=["worker", "tier", "endpoint"])
             counts: dict = {}
             for s in list(_schedulers):
                 for r in rows_for(s):
@@ -228,9 +240,14 @@ def _make_collector():
                     for name, m in r["models"].items():
                         model.add_metric([r["name"], tier, name], m["bytes"])
                         hits.add_metric([r["name"], name], m["hits"])
+                    for name, nbytes in (r.get("shards") or {}).items():
+                        shard.add_metric([r["name"], tier, name], nbytes)
+                    if r.get("shard_server"):
+                        server.add_metric([r["name"], tier, r["shard_server"].get("endpoint", "?")],
+                                          1 if r["shard_server"].get("alive") else 0)
             for key, n in counts.items():
                 workers.add_metric(list(key), n)
-            yield from (workers, budget, used, model, hits, vram)
+            yield from (workers, budget, used, model, hits, vram, shard, server)
             yield from _http_metrics()
 
     return Collector()

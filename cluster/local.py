@@ -54,7 +54,8 @@ def worker_spec(cfg: Config, processes: bool | None = None, quiet: bool = True, 
             "protocol": cfg.scheme,
             "security": cfg.security_object(),
             "preload": ["cluster.worker"],
-            "preload_argv": ["--config", path, "--tier", w.tier],
+            "preload_argv": ["--config", path, "--tier", w.tier]
+            + (["--shard-server", "--shard-port", str(w.shard_port)] if w.shard_server else ["--no-shard-server"]),
         }
         if w.memory_limit != "auto":
             options["memory_limit"] = w.memory_limit

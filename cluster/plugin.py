@@ -81,11 +81,15 @@ class Resident:
     closed: bool = False
 
     def info(self) -> dict:
-        return {
+        out = {
             "backend": self.backend, "bytes": self.nbytes, "measured_by": self.measured_by,
             "load_seconds": round(self.load_seconds, 3), "hits": self.hits,
             "loaded_at": self.loaded_at, "last_used": self.last_used,
         }
+        shard = getattr(self.model, "shard_info", None)  # a split model's head (cluster/shards.py)
+        if shard is not None:
+            out["shard"] = shard
+        return out
 
 
 class WorkerClosing(RuntimeError):
@@ -186,6 +190,10 @@ class ModelHost(WorkerPlugin):
         #: job_type -> last benchmark result on this worker (workloads/bench.py)
         self.bench: dict[str, dict] = {}
         self._threads_set = False
+        #: model -> (bytes, since) this worker's shard server holds for a split model
+        self._holds: dict[str, tuple[int, float]] = {}
+        self.shard_server = self._start_shard_server(worker)
+        self._watch_children(worker)
         worker.metrics["aicluster"] = self.metrics
         if self.preload and self.assignment is not None:
             names = [n for n, m in self.config.models.items() if m.preload and m.tier == self.assignment.tier]
@@ -199,6 +207,8 @@ class ModelHost(WorkerPlugin):
         self._closing = True
         for name in list(getattr(self, "_models", {})):
             self.unload(name, finish=False)
+        if getattr(self, "shard_server", None) is not None:
+            self.shard_server.stop()
         worker.metrics.pop("aicluster", None)
         self._empty_cuda_cache()
 
@@ -209,7 +219,79 @@ class ModelHost(WorkerPlugin):
 
     @property
     def used(self) -> int:
-        return sum(r.nbytes for r in self._models.values())
+        return sum(r.nbytes for r in self._models.values()) + sum(b for b, _ in self._holds.values())
+
+    # -- shards of split models (cluster/shards.py) ------------------------------------------
+    #: a hold whose head never connects (or that disconnected) is dropped after this long
+    HOLD_GRACE = 120.0
+
+    def hold_shard(self, model: str, nbytes: int) -> dict:
+        """Count ``nbytes`` of ``model``'s layers, about to be placed on this worker's shard
+        server, against the model budget: least-recently-used models are evicted to make room
+        (``ModelDoesNotFit`` when the budget cannot hold them)."""
+        if self.shard_server is None:
+            raise RuntimeError(f"worker {self.worker.name} runs no shard server")
+        with self._lock:
+            self._holds.pop(model, None)
+        self._make_room(int(nbytes), f"{model} (shard)")
+        with self._lock:
+            self._holds[model] = (int(nbytes), time.time())
+        return {"held": int(nbytes), "used": self.used, "budget": self.budget}
+
+    def release_shard(self, model: str) -> bool:
+        """Stop counting ``model``'s layers here (its head unloaded it)."""
+        with self._lock:
+            return self._holds.pop(model, None) is not None
+
+    def _expire_holds(self) -> None:
+        if not self._holds or self.shard_server is None:
+            return
+        if self.shard_server.connected():
+            with self._lock:  # the head is there: its layers are still here
+                self._holds = {m: (b, time.time()) for m, (b, _) in self._holds.items()}
+            return
+        now = time.time()
+        with self._lock:
+            for m in [m for m, (_, t) in self._holds.items() if now - t > self.HOLD_GRACE]:
+                logger.info("shard of %s released (no head connected for %.0f s)", m, self.HOLD_GRACE)
+                del self._holds[m]
+
+    def _start_shard_server(self, worker):
+        port = getattr(worker, "aicluster_shard_port", None)
+        if port is None:
+            return None
+        from distributed.comm import get_address_host
+
+        from .shards import ShardServer
+
+        server = ShardServer(get_address_host(worker.address), port, device=self.device,
+                             threads=self.config.worker.torch_threads, name=str(worker.name))
+        server.start()
+        if not server.wait_ready(30):
+            logger.warning("shard server %s did not come up: %s", server.endpoint, server.last_error or "see its log in "
+                           + server.cache_dir)
+        return server
+
+    def _watch_children(self, worker) -> None:
+        """Dask's memory thresholds (pause, terminate) see what this worker's child processes
+        hold in RAM too: the layers on its shard server, a split model's head. (Dask measures
+        the worker process alone; ``get_process_memory`` is its documented seam.)"""
+        monitor = getattr(worker, "monitor", None)
+        if monitor is None or getattr(monitor, "_aicluster_children", False):
+            return
+        own = monitor.get_process_memory
+
+        def process_memory() -> int:
+            n = own()
+            if self.shard_server is not None or any(hasattr(r.model, "shard_info") for r in list(self._models.values())):
+                try:
+                    n += sum(c.memory_info().rss for c in psutil.Process().children())
+                except psutil.Error:
+                    pass
+            return n
+
+        monitor.get_process_memory = process_memory
+        monitor._aicluster_children = True
 
     def resident(self) -> list[str]:
         return list(self._models)
@@ -314,7 +396,18 @@ class ModelHost(WorkerPlugin):
             "loading": list(self._loading),
             "loads": dict(self.load_counts),
             "bench": dict(self.bench),
+            **self._shard_metrics(),
         }
+
+    def _shard_metrics(self) -> dict:
+        if self.shard_server is None:
+            return {}
+        try:
+            self._expire_holds()
+            info = self.shard_server.info()
+        except Exception as e:  # a metric callback that raises drops the whole metric
+            info = {"endpoint": self.shard_server.endpoint, "alive": False, "last_error": str(e)}
+        return {"shard_server": info, "shards": {m: b for m, (b, _) in self._holds.items()}}
 
     # -- internals -------------------------------------------------------------------------
     def _default_budget(self) -> int:
@@ -360,7 +453,9 @@ class ModelHost(WorkerPlugin):
         torch.set_num_threads(self.config.worker.torch_threads)
 
     def _load(self, name: str, spec: ModelConfig) -> Resident:
-        self._make_room(spec.footprint, name)
+        plan = spec.options.get("shard_plan")
+        # a split model's head holds its input layer here; the rest is on the shard servers
+        self._make_room(int(plan["head_bytes"]) if plan else spec.footprint, name)
         self._set_threads()
         module, attr = _backend_module(spec.backend)
         load = getattr(module, attr)

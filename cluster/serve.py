@@ -83,6 +83,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, msg, "service_unavailable", "no_worker_for_tier")
     if isinstance(exc, ModelDoesNotFit):
         return APIError(503, msg, "service_unavailable", "model_does_not_fit")
+    if name in ("ShardPlanError", "ShardServerError", "ShardLost"):  # a model split across workers
+        return APIError(503, msg, "service_unavailable", "shard_unavailable")
     if isinstance(exc, ConfigError) and "unknown model" in msg:
         return APIError(404, msg.split(";")[0] + "; GET /v1/models lists the models", "invalid_request_error",
                         "model_not_found", "model")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dask.utils import format_bytes
 
-__all__ = ["text_table", "worker_rows", "format_table", "format_models", "format_bench"]
+__all__ = ["text_table", "worker_rows", "format_table", "format_models", "format_bench", "format_shards"]
 
 
 def text_table(head: list[str], body: list[list[str]]) -> list[str]:
@@ -49,6 +49,8 @@ def worker_rows(workers: dict, tiers=()) -> list[dict]:
             "models": host.get("models", {}),
             "loading": host.get("loading", []),
             "bench": host.get("bench", {}),
+            "shard_server": host.get("shard_server"),
+            "shards": host.get("shards", {}),
             "tiered": tier is not None,
             "reason": tier_info.get("reason", ""),
         })
@@ -85,7 +87,28 @@ def format_table(rows: list[dict], models: bool = True) -> str:
         text = format_bench(rows)
         if text:
             out += ["", text]
+        text = format_shards(rows)
+        if text:
+            out += ["", text]
     return "\n".join(out)
+
+
+def format_shards(rows: list[dict]) -> str:
+    """Each worker's shard server (models split across workers, cluster/shards.py)."""
+    body = []
+    for r in rows:
+        srv = r.get("shard_server")
+        if not srv:
+            continue
+        state = ("in use by a head" if srv.get("connected") else "idle") if srv.get("alive") else \
+            f"down ({srv.get('last_error') or 'starting'})"
+        held = ", ".join(f"{m} {format_bytes(b)}" for m, b in (r.get("shards") or {}).items()) or "-"
+        device = r["device"] + (" (simulated: RAM)" if r["simulated"] else "")
+        body.append([r["name"], srv.get("endpoint", "?"), device, state, held, _b(srv.get("cached"))])
+    if not body:
+        return ""
+    return "shard servers (ggml RPC, no auth: LAN only):\n" + "\n".join(
+        "  " + line for line in text_table(["worker", "endpoint", "device", "state", "layers held", "cache"], body))
 
 
 def format_bench(rows: list[dict]) -> str:

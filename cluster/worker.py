@@ -22,10 +22,26 @@ logger = logging.getLogger("cluster.worker")
 TIER_METRIC = "aicluster-tier"
 
 
-async def setup_worker(worker, config=None, tier: str | None = None, register_host: bool = True):
-    """Tag ``worker`` with its tier (see module docstring); returns the TierAssignment."""
+async def setup_worker(worker, config=None, tier: str | None = None, register_host: bool = True,
+                       shard_server: bool | None = None, shard_port: int | None = None):
+    """Tag ``worker`` with its tier (see module docstring); returns the TierAssignment.
+
+    ``shard_server`` / ``shard_port`` (default: ``worker.shard_server`` / ``shard_port`` in
+    config) make the ModelHost run a shard server for models split across workers."""
     _leave_ctrl_c_to_the_nanny(worker)
     cfg = load_config(config)
+    on = cfg.worker.shard_server if shard_server is None else shard_server
+    # read by the ModelHost plugin: the port of this worker's shard server, or None
+    worker.aicluster_shard_port = (cfg.worker.shard_port if shard_port is None else shard_port) if on else None
+    if on:
+        from distributed.comm import get_address_host
+
+        from .shards import check_bind_host
+
+        try:  # the shard server binds the worker's own address: never a public one
+            check_bind_host(get_address_host(worker.address))
+        except ValueError as e:
+            raise click.UsageError(f"--shard-server: {e}") from None
     state = worker.state
     given = tier_of_resources(state.total_resources, cfg.tiers)
     forced = tier or given or cfg.worker.tier
@@ -71,5 +87,10 @@ def _leave_ctrl_c_to_the_nanny(worker) -> None:
               help="config.yaml to read (default: $AICLUSTER_CONFIG, ./config.yaml, the project's).")
 @click.option("--tier", default=None, help="Force a tier, e.g. VRAM12 (default: worker.tier in config; 'auto' detects).")
 @click.option("--no-model-host", is_flag=True, default=False, help="Do not register the ModelHost plugin.")
-async def dask_setup(worker, config_path, tier, no_model_host):
-    await setup_worker(worker, config=config_path, tier=tier, register_host=not no_model_host)
+@click.option("--shard-server/--no-shard-server", default=None,
+              help="Run a shard server for models split across workers (default: worker.shard_server).")
+@click.option("--shard-port", type=click.IntRange(0, 65535), default=None,
+              help="The shard server's port (default: worker.shard_port, 50052; 0 = any free port).")
+async def dask_setup(worker, config_path, tier, no_model_host, shard_server, shard_port):
+    await setup_worker(worker, config=config_path, tier=tier, register_host=not no_model_host,
+                       shard_server=shard_server, shard_port=shard_port)

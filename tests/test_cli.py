@@ -110,7 +110,7 @@ def test_aicluster_up_then_status_shows_three_tiers(env_with_tests):
 
 
 @pytest.mark.parametrize("cmd", [[], ["scheduler"], ["worker"], ["up"], ["status"], ["demo"], ["embed"], ["generate"],
-                                 ["pipeline"], ["jobs"], ["cancel"], ["bench"], ["submit"], ["certs"], ["serve"]])
+                                 ["pipeline"], ["jobs"], ["cancel"], ["bench"], ["submit"], ["certs"], ["serve"], ["shard"]])
 def test_help_has_examples(cmd, env_with_tests):
     out = subprocess.run([str(BIN / "aicluster"), *cmd, "--help"], env=env_with_tests, capture_output=True,
                          text=True, timeout=60)

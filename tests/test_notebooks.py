@@ -15,7 +15,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:3] == ["01_quickstart.ipynb", "02_pipelines.ipynb", "03_benchmarks.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:4] == ["01_quickstart.ipynb", "02_pipelines.ipynb", "03_benchmarks.ipynb",
+                                               "04_pooled_vram.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -44,5 +45,12 @@ def test_notebook_runs(path):
         assert "matrix_multiply" in text and "VRAM12 (simulated)" in text and "last benchmarks:" in text
         assert "parameter 'size' must be positive" in "\n".join(
             str(o.get("data", {}).get("text/plain", "")) for c in nb.cells for o in c.get("outputs", []))
+    if path.name == "04_pooled_vram.ipynb":
+        text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                          if o.output_type == "stream")
+        html = "\n".join(str(o.get("data", {}).get("text/html", "")) for c in nb.cells for o in c.get("outputs", []))
+        assert "head" in html and "+ output" in html  # the plan's table
+        assert "ShardPlanError" in text and "nobody" in text
+        assert "head: pc1" in text and "shard servers (ggml RPC" in text and "gemma-270m-split" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot was not drawn"

@@ -67,3 +67,13 @@ def generate_task(prompt: str | None, model: str, spec, params: dict, index: int
     secs = out["generate_seconds"]
     out["tokens_per_second"] = out["completion_tokens"] / secs if secs > 0 else None
     return out
+
+
+def load_task(model: str, spec) -> dict:
+    """Load ``model`` on this worker (a split model: its head, across its planned shard
+    servers) and say what is resident."""
+    host, worker = host_and_worker()
+    res = host.get(model, spec)
+    out = {"model": model, **res.info(), **where(host, worker)}
+    out.pop("shard", None)
+    return out

@@ -140,34 +140,55 @@ def prepare() -> None:
     _route_logs()
 
 
-#: options.<key> this backend understands (see the README's Backends table)
-OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "chat_format", "n_batch", "n_ubatch", "use_mmap")
+#: options.<key> this backend understands (see the README's Backends table); ``shard_plan``
+#: is set by the client for a model split across workers (``shard:`` in config.yaml)
+OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "chat_format", "n_batch", "n_ubatch", "use_mmap",
+           "repack", "shard_plan")
 
 
-def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> LlamaModel:
+def engine_options(opts: dict, name: str) -> tuple[int, int, dict]:
+    """``(n_ctx, parallel, batch-engine keyword arguments)`` from a model's options."""
     import llama_cpp
-    from llama_cpp._internals import LlamaModel as _LowLevelModel
 
     from . import InputError
 
-    _route_logs()
-    path = resolve_source(spec.source)
-    opts = dict(spec.options)
-    unknown = sorted(set(opts) - set(OPTIONS))
-    if unknown:
-        raise InputError(f"models.{name}.options: unknown option(s) {', '.join(unknown)} for the llamacpp backend; "
-                         f"known: {', '.join(OPTIONS)}")
     n_ctx = int(opts.get("n_ctx", 2048))
-    n_threads = int(opts.get("n_threads", threads))
     parallel = int(opts.get("parallel", 8))
     n_batch = int(opts.get("n_batch", 512))
     most = min(n_batch, llama_cpp.llama_max_parallel_sequences())
     if not 1 <= parallel <= most:
         raise InputError(f"models.{name}.options.parallel must be between 1 and {most} (llama.cpp's limit and "
                          f"n_batch), got {parallel}")
+    # prefix_cache: false turns prompt-prefix reuse off (no prefix is ever long enough)
+    min_reuse = 32 if opts.get("prefix_cache", True) else n_ctx + 1
+    return n_ctx, parallel, {"n_batch": n_batch, "n_ubatch": int(opts.get("n_ubatch", 512)), "min_reuse": min_reuse}
+
+
+def load(spec, device: str = "cpu", threads: int = 1, name: str = "model"):
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel as _LowLevelModel
+
+    from . import InputError
+
+    _route_logs()
+    opts = dict(spec.options)
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise InputError(f"models.{name}.options: unknown option(s) {', '.join(unknown)} for the llamacpp backend; "
+                         f"known: {', '.join(o for o in OPTIONS if o != 'shard_plan')}")
+    if opts.get("shard_plan"):  # split across workers: this worker is the head (llama_head.py)
+        from .llama_head import load_sharded
+
+        return load_sharded(spec, device=device, threads=int(opts.get("n_threads", threads)), name=name)
+    path = resolve_source(spec.source)
+    n_threads = int(opts.get("n_threads", threads))
+    n_ctx, parallel, engine_opts = engine_options(opts, name)
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
     params.use_mmap = bool(opts.get("use_mmap", True))
+    # repack: false skips llama.cpp's CPU weight repacking, which a shard server does not do
+    # either: then a split model's greedy tokens equal this process's token for token
+    params.use_extra_bufts = bool(opts.get("repack", True))
     if device.startswith("cuda"):
         if not llama_cpp.llama_supports_gpu_offload():
             logger.warning("model %s: llama-cpp-python was built without GPU support, so it runs on the CPU of "
@@ -182,11 +203,8 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> Ll
     # client) and can leave its output gone for good; the log goes to Python logging instead
     model = _LowLevelModel(path_model=str(path), params=params, verbose=True)
     try:
-        # prefix_cache: false turns prompt-prefix reuse off (no prefix is ever long enough)
-        min_reuse = 32 if opts.get("prefix_cache", True) else n_ctx + 1
         return LlamaModel(model, Path(path), name, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads,
-                          chat_format=opts.get("chat_format"), n_batch=n_batch,
-                          n_ubatch=int(opts.get("n_ubatch", 512)), min_reuse=min_reuse)
+                          chat_format=opts.get("chat_format"), **engine_opts)
     except BaseException:
         model.close()
         raise

