@@ -23,18 +23,27 @@ WHEEL_CACHE ?= $(HOME)/.cache/aicluster/wheels
 LLAMA_KEY := $(shell printf '%s %s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' "$$(uname -m)" | sha1sum | cut -c1-12)
 LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
-# torch first, from the CPU build on this disk (a plain `torch` requirement could pull a
-# multi-GB CUDA build); then the llama.cpp binding from the wheel cache; then the project
-# with its test extras.
-$(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+# The binding, from the wheel cache (built there first when missing); a stamp per build key,
+# so `make install LLAMA_CMAKE_ARGS=...` on an existing venv installs the other build.
+LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
+$(LLAMA_STAMP): | $(PY)
 	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { \
 		echo "building llama-cpp-python $(LLAMA_VERSION) with $(LLAMA_CMAKE_ARGS) (once, ~8 min)"; \
+		rm -rf $(LLAMA_WHEELS).tmp; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir \
 			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS).tmp \
 		&& mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
 	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 'llama-cpp-python has no ggml RPC')" \
+		|| { rm -rf $(LLAMA_WHEELS); exit 1; }
+	rm -f $(VENV)/.llama-*
+	touch $(LLAMA_STAMP)
+
+# torch first, from the CPU build on this disk (a plain `torch` requirement could pull a
+# multi-GB CUDA build); the llama.cpp binding (above); then the project with its test extras.
+$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -67,6 +76,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/spread.py
 	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
 	HF_HUB_OFFLINE=1 $(PY) bench/sharded.py
+	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -124,11 +124,14 @@ class AICluster:
         self.config = config
         self.cluster = cluster
         client.register_plugin(routing.TierGuard(grace=config.routing.restart_grace))
+        client.register_plugin(routing.WorkerEvents())
         client.register_plugin(routing.ModelAffinity(prefer_resident=config.routing.prefer_resident))
         client.register_plugin(JobBoard())
         client.register_plugin(ModelHost(config))
         self._streams: dict[str, Callable] = {}
         self._subscribed = False
+        #: the workers as the scheduler's events report them: routing reads this, no round trip
+        self._view = routing.WorkerView(client)
 
     def _open_stream(self, stream_id: str, sink: Callable[[str | None], None]) -> None:
         """Send the text pieces of stream ``stream_id`` to ``sink`` (None ends the stream);
@@ -154,11 +157,23 @@ class AICluster:
         return self.client.scheduler.address
 
     def _workers(self) -> dict:
-        return self.client.scheduler_info(n_workers=-1)["workers"]
+        """Every worker's identity with its metrics (one round trip; status, planning).
+        Asked of the scheduler directly: ``Client.scheduler_info()`` hands back a cached
+        identity that the client's periodic refresh can replace with one listing no workers."""
+        return self.client.run_on_scheduler(_identity_workers)
 
     def live_tiers(self) -> dict[str, list[str]]:
         """``{tier: [worker addresses]}`` of the workers connected now."""
-        return routing.live_tiers(self._workers(), self.config.tiers)
+        return routing.live_tiers(self._view.workers(), self.config.tiers)
+
+    def _resolve(self, chain: list[str], what: str) -> routing.Route:
+        """``routing.resolve`` on the event-fed view; a chain that looks empty is checked
+        against the scheduler once before it is an error (the view may lag a restart)."""
+        try:
+            return routing.resolve(chain, self.live_tiers(), what)
+        except routing.NoWorkerForTier:
+            self._view.refresh()
+            return routing.resolve(chain, self.live_tiers(), what)
 
     def _check_tier(self, tier: str) -> None:
         if tier not in self.config.tiers:
@@ -167,7 +182,7 @@ class AICluster:
     def route(self, tier: str, what: str = "this task") -> routing.Route:
         """Where work for ``tier`` goes now (raises ``NoWorkerForTier`` when nowhere)."""
         self._check_tier(tier)
-        return routing.resolve(self.config.fallback_chain(tier), self.live_tiers(), what)
+        return self._resolve(self.config.fallback_chain(tier), what)
 
     def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", priority: int = 0,
                        **kwargs) -> Future:
@@ -220,7 +235,7 @@ class AICluster:
         if tier is not None:
             self._check_tier(tier)
         # where the model is resident is decided on the scheduler (routing.ModelAffinity)
-        route = replace(routing.resolve(chain, self.live_tiers(), f"model {model!r}"), model=model)
+        route = replace(self._resolve(chain, f"model {model!r}"), model=model)
         if spec.backend == "llamacpp" and "llamacpp" in kinds:
             # one resident model decodes `parallel` requests at once: each takes a share of the slot
             route = route.shared(routing.slot_share(int(spec.options.get("parallel", 8))))
@@ -696,6 +711,10 @@ def connect(config: str | dict | Config | None = None, address: str | None = Non
             f"`dask scheduler --preload cluster.scheduler`) running there, and is the port open?"
         ) from None
     return AICluster(client, cfg)
+
+
+def _identity_workers(dask_scheduler=None) -> dict:
+    return dask_scheduler.identity(n_workers=-1)["workers"]
 
 
 def _hosts_reporting(dask_scheduler=None) -> int:

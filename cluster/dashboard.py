@@ -131,7 +131,7 @@ def _models_doc(scheduler, extra, doc):
         labels, colors = [], {}
         for r in rows_for(scheduler):
             tier = (r["tier"] or "no tier") + (" simulated" if r["simulated"] else "")
-            label = f"{r['name']} [{tier}]"
+            label = f"{r['name']} [{tier}]" + (" PAUSED (memory)" if r.get("status") == "paused" else "")
             labels.append(label)
             left = 0.0
             for name, m in r["models"].items():

@@ -194,9 +194,16 @@ class ModelHost(WorkerPlugin):
         self._holds: dict[str, tuple[int, float]] = {}
         self.shard_server = self._start_shard_server(worker)
         self._watch_children(worker)
+        self._evicting = False
+        from tornado.ioloop import PeriodicCallback
+
+        pc = worker.periodic_callbacks["aicluster-pressure"] = PeriodicCallback(self._relieve_pressure, 500)
+        pc.start()
         worker.metrics["aicluster"] = self.metrics
         if self.preload and self.assignment is not None:
-            names = [n for n, m in self.config.models.items() if m.preload and m.tier == self.assignment.tier]
+            # a split model is loaded by a client's plan (ai.load_model), never whole here
+            names = [n for n, m in self.config.models.items()
+                     if m.preload and m.tier == self.assignment.tier and not m.sharded]
             if names:
                 threading.Thread(target=self._preload, args=(names,), name="aicluster-preload", daemon=True).start()
 
@@ -205,6 +212,9 @@ class ModelHost(WorkerPlugin):
         # at once stops its batch now instead of finishing every request for nobody, and a
         # model still loading is not put to work
         self._closing = True
+        pc = worker.periodic_callbacks.pop("aicluster-pressure", None)
+        if pc is not None:
+            pc.stop()
         for name in list(getattr(self, "_models", {})):
             self.unload(name, finish=False)
         if getattr(self, "shard_server", None) is not None:
@@ -273,9 +283,10 @@ class ModelHost(WorkerPlugin):
         return server
 
     def _watch_children(self, worker) -> None:
-        """Dask's memory thresholds (pause, terminate) see what this worker's child processes
-        hold in RAM too: the layers on its shard server, a split model's head. (Dask measures
-        the worker process alone; ``get_process_memory`` is its documented seam.)"""
+        """The worker's own memory thresholds (spill, pause) see what its child processes hold
+        in RAM too: the layers on its shard server, a split model's head. (Dask measures the
+        worker process alone; ``get_process_memory`` is its documented seam. The nanny's
+        terminate threshold still measures the worker process only.)"""
         monitor = getattr(worker, "monitor", None)
         if monitor is None or getattr(monitor, "_aicluster_children", False):
             return
@@ -318,7 +329,8 @@ class ModelHost(WorkerPlugin):
                 raise WorkerClosing(f"worker {self.worker.name} is closing; the task runs again on another worker")
             with self._lock:
                 res = self._models.get(name)
-                broken = res is not None and not getattr(res.model, "healthy", True)
+                # its batch decoder failed, or it is split otherwise than this task asks
+                broken = res is not None and (not getattr(res.model, "healthy", True) or _other_split(res.model, spec))
                 if res is not None and not broken:
                     self._models.move_to_end(name)
                     res.hits += 1
@@ -334,8 +346,9 @@ class ModelHost(WorkerPlugin):
                     raise pending.error
                 continue
             try:
-                if broken:  # its batch decoder failed: load it afresh
-                    logger.warning("model %s stopped working on this worker; loading it again", name)
+                if broken:  # load it afresh
+                    logger.warning("model %s stopped working on this worker, or is split otherwise than asked; "
+                                   "loading it again", name)
                     self.unload(name)
                 res = self._load(name, spec)
             except BaseException as e:
@@ -404,7 +417,7 @@ class ModelHost(WorkerPlugin):
             return {}
         try:
             self._expire_holds()
-            info = self.shard_server.info()
+            info = {**self.shard_server.info(), "free": max(self.budget - self.used, 0)}
         except Exception as e:  # a metric callback that raises drops the whole metric
             info = {"endpoint": self.shard_server.endpoint, "alive": False, "last_error": str(e)}
         return {"shard_server": info, "shards": {m: b for m, (b, _) in self._holds.items()}}
@@ -416,7 +429,36 @@ class ModelHost(WorkerPlugin):
         if a is not None and a.vram_total:
             return int(frac * a.vram_total)
         limit = getattr(self.worker.memory_manager, "memory_limit", None) or psutil.virtual_memory().total
-        return int(frac * limit)
+        return ram_budget(frac, limit, _pause_fraction(self.worker))
+
+    # -- memory pressure -----------------------------------------------------------------------
+    def _relieve_pressure(self) -> None:
+        """While Dask has paused this worker for memory, evict least-recently-used models that
+        no task is using, one at a time, until it resumes: a resident model otherwise keeps
+        the memory up and the worker paused for good. (A periodic callback on the worker's
+        event loop; the unload itself runs in a thread.)"""
+        from distributed.core import Status
+
+        if self.worker.status != Status.paused or self._evicting or self._closing:
+            return
+        with self._lock:
+            victim = next((n for n, r in self._models.items() if r.usage.users == 0 and n not in self._loading), None)
+        if victim is None:
+            return
+        self._evicting = True
+        mem = self.worker.monitor.get_process_memory()
+        logger.warning("worker %s is paused (memory %s of %s): unloading %s, which no task is using",
+                       self.worker.name, _fmt(mem), _fmt(self.worker.memory_manager.memory_limit), victim)
+
+        def run() -> None:
+            try:
+                self.evictions.append(victim)
+                self.unload(victim)
+                _trim_malloc()  # hand the freed pages back to the OS, so the RSS drops
+            finally:
+                self._evicting = False
+
+        threading.Thread(target=run, name="aicluster-pressure-evict", daemon=True).start()
 
     def _where(self) -> str:
         label = self.assignment.label if self.assignment else "untiered"
@@ -478,6 +520,8 @@ class ModelHost(WorkerPlugin):
         own = int(getattr(model, "nbytes", 0) or 0)  # weights the backend says it holds
         if own > measured:
             measured, how = own, "weights size"
+        if plan:  # a split model's head holds its input layer here; its shards are held on their workers
+            measured, how = own, "input layer (split model)"
         res = Resident(name=name, model=model, backend=spec.backend, nbytes=measured, measured_by=how, load_seconds=seconds)
         if self._closing:  # torn down while this load ran
             close = getattr(model, "close", None)
@@ -531,3 +575,53 @@ class ModelHost(WorkerPlugin):
 
 def _rss() -> int:
     return psutil.Process().memory_info().rss
+
+
+def _other_split(model, spec: ModelConfig) -> bool:
+    """A resident model split otherwise than ``spec`` asks (another plan), or split when it
+    should not be, or the reverse."""
+    want = spec.options.get("shard_plan")
+    have = getattr(model, "plan", None) if hasattr(model, "shard_info") else None
+    if want is None and spec.sharded:
+        return False  # asked by name only (no plan in hand): the resident head serves
+    if want is None or have is None:
+        return (want is None) != (have is None)
+    key = lambda parts: [(p["endpoint"], p["first"], p["last"]) for p in parts]  # noqa: E731
+    return key(want["parts"]) != key(have.to_dict()["parts"])
+
+
+def _fmt(n) -> str:
+    from dask.utils import format_bytes
+
+    return "?" if n is None else format_bytes(n)
+
+
+def _pause_fraction(worker) -> float | None:
+    """Dask's ``distributed.worker.memory.pause`` for this worker (None: it never pauses)."""
+    mm = getattr(worker, "memory_manager", None)
+    frac = getattr(mm, "memory_pause_fraction", None)
+    return float(frac) if frac else None
+
+
+#: memory a worker process needs besides its models (Python, torch, Dask, task data)
+PROCESS_HEADROOM = 512 * 2**20
+
+
+def ram_budget(frac: float, limit: int, pause: float | None) -> int:
+    """The model budget of a worker whose models sit in RAM: ``frac`` x its memory limit,
+    but always below Dask's pause threshold by the room the process itself needs
+    (``max(10% of the limit, 512 MiB)``). Filling a budget equal to the pause threshold
+    paused the worker for good: the resident models kept the memory up."""
+    budget = int(frac * limit)
+    if pause:
+        budget = min(budget, int(pause * limit - max(0.1 * limit, PROCESS_HEADROOM)))
+    return max(budget, 0)
+
+
+def _trim_malloc() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

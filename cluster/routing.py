@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 from dataclasses import dataclass, field, replace
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-__all__ = ["NoWorkerForTier", "Route", "live_tiers", "resolve", "slot_share", "TierGuard", "ModelAffinity", "ANNOTATION"]
+__all__ = ["NoWorkerForTier", "WorkersPaused", "WorkerEvents", "WorkerView", "worker_list", "Route", "live_tiers", "resolve", "slot_share", "TierGuard", "ModelAffinity", "ANNOTATION"]
 
 logger = logging.getLogger("cluster.routing")
 
@@ -41,6 +42,24 @@ class NoWorkerForTier(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.chain, self.live, self.what))
+
+
+class WorkersPaused(RuntimeError):
+    """A task's only workers stayed paused (memory) for the whole grace period."""
+
+    def __init__(self, what: str, paused: list[tuple[str, int | None, int | None]], grace: float):
+        from dask.utils import format_bytes
+
+        self.args_ = (what, paused, grace)
+        each = ", ".join(f"{n} ({format_bytes(m) if m is not None else '?'} of {format_bytes(lim) if lim else '?'})"
+                         for n, m, lim in paused)
+        super().__init__(
+            f"{what}: every worker that can run it is paused for memory ({each}) and stayed paused for "
+            f"{grace:.0f} s (routing.restart_grace). Unload models (ai.unload), free the data the workers hold, "
+            f"or give them a larger memory_limit")
+
+    def __reduce__(self):
+        return (type(self), self.args_)
 
 
 def live_tiers(workers: dict, tiers) -> dict[str, list[str]]:
@@ -141,6 +160,8 @@ class TierGuard(SchedulerPlugin):
         self.scheduler = None
         self.rerouted = 0
         self.failed = 0
+        #: keys with a final look scheduled (one timer per waiting task)
+        self._waiting: set = set()
         #: set by ``AICluster.close`` of an embedded cluster: its workers are leaving on
         #: purpose, so their tasks are neither re-routed nor waited for
         self.closing = False
@@ -153,6 +174,23 @@ class TierGuard(SchedulerPlugin):
             return
         # tasks already waiting in no-worker (e.g. for a paused worker that then died) are
         # not transitioned again by Dask: look at them once more
+        self._recheck(scheduler)
+
+    def add_worker(self, scheduler, worker) -> None:
+        # a task waiting out the grace runs as soon as a worker of an acceptable tier joins
+        # (a restarted worker has a new address: Dask would not give it a task pinned to
+        # the old one, nor one routed to a fallback tier while the first tier was away)
+        if not self.closing:
+            self._recheck(scheduler)
+
+    def log_event(self, topic, msg) -> None:
+        # a worker that registered while starting up, or that resumes after a pause, becomes
+        # "running" later: tasks pinned elsewhere or waiting for its tier get it then
+        if (not self.closing and self.scheduler is not None and isinstance(msg, dict)
+                and msg.get("action") == "worker-status-change" and msg.get("status") == "running"):
+            self._recheck(self.scheduler)
+
+    def _recheck(self, scheduler) -> None:
         for ts in list(scheduler.unrunnable):
             if (ts.annotations or {}).get(ANNOTATION, {}).get("chain"):
                 scheduler.loop.add_callback(self._handle, ts.key)
@@ -185,11 +223,19 @@ class TierGuard(SchedulerPlugin):
         stimulus_id = f"aicluster-tier-guard-{key}"
         for tier in chain:
             if paused.get(tier) and not live.get(tier):
-                # the tier's worker paused under memory pressure: Dask runs the task when it
-                # resumes; if it dies instead, remove_worker below looks at the task again
-                logger.info("%s waits for a paused worker of tier %s", key, tier)
+                # the tier's worker paused under memory pressure (its ModelHost evicts idle
+                # models to get it going): Dask runs the task when it resumes; if it dies,
+                # remove_worker looks at the task again; if it stays paused, it fails
                 ts.resource_restrictions = {tier: amount}
                 ts.worker_restrictions = None
+                if final or self.grace <= 0:
+                    ws_paused = [(str(ws.name), ws.memory.process, ws.memory_limit) for ws in s.workers.values()
+                                 if ws.status.name == "paused" and any(ws.resources.get(t, 0) > 0 for t in chain)]
+                    return self._fail(key, WorkersPaused(what, ws_paused, self.grace), stimulus_id)
+                logger.info("%s waits for a paused worker of tier %s (up to %.0f s)", key, tier, self.grace)
+                if key not in self._waiting:
+                    self._waiting.add(key)
+                    s.loop.call_later(self.grace, self._final, key)
                 return
             if live.get(tier):
                 logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
@@ -200,16 +246,25 @@ class TierGuard(SchedulerPlugin):
                 return
         if not final and self.grace > 0:
             # nothing can run it now; a worker may be restarting (nanny) or rejoining
-            # (aicluster worker): look again after the grace period. A worker that joins
-            # meanwhile gets the task from Dask itself.
+            # (aicluster worker): look again after the grace period, or as soon as a worker
+            # joins (add_worker)
             logger.warning("%s: no live worker for tiers %s; waiting up to %.0f s for one to join", key, chain, self.grace)
-            s.loop.call_later(self.grace, self._handle, key, True)
+            if key not in self._waiting:
+                self._waiting.add(key)
+                s.loop.call_later(self.grace, self._final, key)
             return
         all_live = sorted({r for ws in s.workers.values() for r in ws.resources})
-        exc = NoWorkerForTier(chain, all_live, what)
+        self._fail(key, NoWorkerForTier(chain, all_live, what), stimulus_id)
+
+    def _final(self, key) -> None:
+        self._waiting.discard(key)
+        self._handle(key, final=True)
+
+    def _fail(self, key, exc: BaseException, stimulus_id: str) -> None:
+        s = self.scheduler
         logger.warning("failing %s: %s", key, exc)
         recs = s.transition(key, "erred", stimulus_id, exception=pickle.dumps(exc), cause=key,
-                            exception_text=f"NoWorkerForTier: {exc}", traceback_text="")
+                            exception_text=f"{type(exc).__name__}: {exc}", traceback_text="")
         s.transitions(recs, stimulus_id)
         self.failed += 1
 
@@ -264,3 +319,104 @@ class ModelAffinity(SchedulerPlugin):
             ts.worker_restrictions = {best.address}
             planned[best.address] = planned.get(best.address, 0) + amount
             self.pinned += 1
+
+
+# -- the facade's view of the workers ---------------------------------------------------------
+WORKERS_TOPIC = "aicluster-workers"
+
+
+class WorkerEvents(SchedulerPlugin):
+    """Tells clients when a worker joins, leaves or changes status (paused, running), as
+    events on the ``aicluster-workers`` topic, numbered so a client can put them in order
+    after a snapshot (``worker_list``)."""
+
+    name = "aicluster-worker-events"
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.scheduler = None
+        self.seq = 0
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def _emit(self, op: str, address: str) -> None:
+        s = self.scheduler
+        if s is None:
+            return
+        self.seq += 1
+        ws = s.workers.get(address)
+        s.log_event(WORKERS_TOPIC, {"seq": self.seq, "op": op, "address": address,
+                                    **(_worker_entry(ws) if ws is not None and op != "remove" else {})})
+
+    def add_worker(self, scheduler, worker) -> None:
+        self._emit("add", worker)
+
+    def remove_worker(self, scheduler, worker, *, stimulus_id=None, **kwargs) -> None:
+        self._emit("remove", worker)
+
+    def log_event(self, topic, msg) -> None:
+        if isinstance(msg, dict) and msg.get("action") == "worker-status-change" and isinstance(topic, str):
+            self._emit("status", topic)  # the topic of a status change is the worker's address
+
+
+def _worker_entry(ws) -> dict:
+    return {"name": str(ws.name), "resources": dict(ws.resources), "status": ws.status.name}
+
+
+def worker_list(dask_scheduler=None) -> dict:
+    """``{"seq": n, "workers": {address: {name, resources, status}}}`` (run on the scheduler)."""
+    plugin = dask_scheduler.plugins.get(WorkerEvents.name)
+    return {"seq": plugin.seq if plugin is not None else 0,
+            "workers": {a: _worker_entry(ws) for a, ws in dask_scheduler.workers.items()}}
+
+
+class WorkerView:
+    """The workers as this client knows them, kept by the scheduler's events: routing reads
+    it with no round trip. (``Client.scheduler_info()`` costs one per call, and the client's
+    own 2-second refresh can overwrite it with an identity that lists no workers, which made
+    about 1 in 2,000 routing calls fail with every worker up.) A tier that looks empty is
+    checked against the scheduler before anyone is told so (``confirm``)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._workers: dict[str, dict] = {}
+        self._seq = -1
+        self._early: list[dict] = []  # events that came before the snapshot
+        client.subscribe_topic(WORKERS_TOPIC, self._on_event)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take a snapshot from the scheduler (one round trip)."""
+        snap = self.client.run_on_scheduler(worker_list)
+        with self._lock:
+            self._workers, self._seq = snap["workers"], snap["seq"]
+            early, self._early = self._early, []
+            for msg in sorted(early, key=lambda m: m["seq"]):
+                self._apply(msg)
+
+    def _on_event(self, event) -> None:
+        msg = event[1]
+        with self._lock:
+            if self._seq < 0:
+                self._early.append(msg)
+            elif msg["seq"] < self._seq:
+                # numbered from 1 again: the scheduler restarted; take a new snapshot soon
+                self._seq = msg["seq"] - 1
+                self._apply(msg)
+            else:
+                self._apply(msg)
+
+    def _apply(self, msg: dict) -> None:
+        if msg["seq"] <= self._seq:
+            return
+        self._seq = msg["seq"]
+        if msg["op"] == "remove":
+            self._workers.pop(msg["address"], None)
+        else:
+            self._workers[msg["address"]] = {k: msg[k] for k in ("name", "resources", "status") if k in msg}
+
+    def workers(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._workers)

@@ -12,7 +12,7 @@ import click
 from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
-from .routing import ModelAffinity, TierGuard
+from .routing import ModelAffinity, TierGuard, WorkerEvents
 from .security import listen_addresses, warn_if_open
 
 # The dashboard's pages are read while the Scheduler is constructed, before preloads run;
@@ -26,6 +26,8 @@ async def setup_scheduler(scheduler, config=None) -> None:
         scheduler.add_plugin(TierGuard(grace=cfg.routing.restart_grace))
     if JobBoard.name not in scheduler.plugins:
         scheduler.add_plugin(JobBoard())
+    if WorkerEvents.name not in scheduler.plugins:
+        scheduler.add_plugin(WorkerEvents())
     if ModelAffinity.name not in scheduler.plugins:
         scheduler.add_plugin(ModelAffinity(prefer_resident=cfg.routing.prefer_resident))
     if dashboard.HTTPStats.name not in scheduler.plugins:

@@ -144,7 +144,8 @@ _layouts: dict = {}
 
 
 def read_layout(path: str | os.PathLike, n_ctx: int) -> GGUFLayout:
-    """The model's layout (cached per file and context)."""
+    """The model's layout (cached per file and context); ``n_ctx`` is the whole KV cache in
+    tokens (the batch engine's context is ``options.n_ctx`` x ``options.parallel``)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = str(path)
@@ -253,7 +254,7 @@ class ShardPlan:
 
     def __str__(self) -> str:
         lines = [f"model {self.model}: {self.n_layer} layers + output, {format_bytes(self.total)} to place "
-                 f"(weights and KV cache at n_ctx {self.n_ctx}) over {len(self.parts)} worker(s)"]
+                 f"(weights and a KV cache of {self.n_ctx} tokens) over {len(self.parts)} worker(s)"]
         lines += text_table(self._HEAD, self._rows())
         lines.append(f"head: {self.head_name} (runs the model in a child process; holds the input layer, "
                      f"{format_bytes(self.head_bytes)})")
@@ -300,7 +301,8 @@ def candidates_of(states: dict, tiers, model: str | None = None) -> list[dict]:
         free = budget - (st["used"] or 0) + int((st.get("shards") or {}).get(model, 0))
         out.append({"address": addr, "name": st["name"], "tier": st["tier"] or "?", "rank": order.get(st["tier"], len(order)),
                     "endpoint": st["shard_server"]["endpoint"], "free": max(free, 0), "budget": budget,
-                    "simulated": bool(st["simulated"]), "connected": bool(st["shard_server"].get("connected"))})
+                    "simulated": bool(st["simulated"]), "connected": bool(st["shard_server"].get("connected")),
+                    "holds": model in (st.get("shards") or {})})
     out.sort(key=lambda c: (c["rank"], c["name"]))
     return out
 
@@ -327,18 +329,28 @@ def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[s
         chosen = [by[w] for w in workers]
         if len({c["address"] for c in chosen}) != len(chosen):
             raise ShardPlanError(f"model {model!r}: a worker is named twice in {workers}")
+        busy = [c["name"] for c in chosen if _busy(c)]
+        if busy:
+            raise ShardPlanError(f"model {model!r}: the shard server(s) of {', '.join(busy)} serve another split "
+                                 f"model's head (one head at a time); unload that model first (ai.unload)")
         parts = _divide(model, layout, chosen)
         if parts is None:
             raise ShardPlanError(_shortfall(model, layout, chosen, "the workers named"))
         return _finish(model, layout, chosen, parts)
     smallest = min(_need(layout, i, i) for i in range(layout.n_layer + 1))
-    ordered = sorted((c for c in candidates if c["free"] >= smallest), key=lambda c: (c["rank"], -c["free"]))
+    ordered = sorted((c for c in candidates if c["free"] >= smallest and not _busy(c)),
+                     key=lambda c: (c["rank"], -c["free"]))
     for k in range(1, len(ordered) + 1):
         parts = _divide(model, layout, ordered[:k])
         if parts is not None:
             return _finish(model, layout, ordered[:k], parts)
     raise ShardPlanError(_shortfall(model, layout, sorted(candidates, key=lambda c: (c["rank"], -c["free"])),
                                     "all shard servers together"))
+
+
+def _busy(c: dict) -> bool:
+    """A server that a head of another model holds (a server serves one head at a time)."""
+    return bool(c.get("connected")) and not c.get("holds")
 
 
 def _need(layout: GGUFLayout, first: int, last: int) -> int:
@@ -402,10 +414,11 @@ def _shortfall(model: str, layout: GGUFLayout, chosen: list[dict], who: str) -> 
     have = sum(max(c["free"], 0) for c in chosen)
     each = ", ".join(f"{c['name']} {format_bytes(c['free'])}" for c in chosen)
     short = max(need - have, 0)
-    return (f"model {model!r} needs about {format_bytes(need)} (weights + KV cache at n_ctx {layout.n_ctx}) but "
+    return (f"model {model!r} needs about {format_bytes(need)} (weights + a KV cache of {layout.n_ctx} tokens) but "
             f"{who} have {format_bytes(have)} free ({each}); short by {format_bytes(short)}"
             + (" (no worker can take the largest layer)" if short == 0 else "")
-            + ". Add a worker with a shard server, unload other models, or lower the model's options.n_ctx.")
+            + ". Add a worker with a shard server, unload other models, or lower the model's options.n_ctx or "
+              "options.parallel.")
 
 
 def _finish(model: str, layout: GGUFLayout, chosen: list[dict], parts) -> ShardPlan:
@@ -437,6 +450,8 @@ def probe(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
                 raise ShardServerError(f"shard server {endpoint} answered HELLO with {size} bytes: not a ggml RPC "
                                        f"server of a known version")
             major, minor, patch = _recv(s, size)[:3]
+    except ShardServerError:
+        raise
     except socket.timeout:
         raise ShardServerError(
             f"shard server {endpoint} did not answer within {timeout:.0f} s: it is serving another model's head "
@@ -455,7 +470,10 @@ def _recv(s: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = s.recv(n - len(buf))
         if not chunk:
-            raise ShardServerError(f"shard server at {s.getpeername()} closed the connection during HELLO")
+            raise ShardServerError(
+                f"shard server {':'.join(map(str, s.getpeername()[:2]))} closed the connection during HELLO: it is "
+                f"probably another llama-cpp-python (ggml RPC version) than this head's {RPC_PROTO[0]}.{RPC_PROTO[1]}; "
+                f"install the same version on both PCs (make install)")
         buf += chunk
     return buf
 
@@ -470,10 +488,14 @@ def check_bind_host(host: str) -> None:
     if ip.is_unspecified:
         raise ValueError("a shard server must bind one address (worker.host or --host), not every interface: ggml "
                          "RPC has no authentication")
-    if not (ip.is_loopback or ip.is_private or ip.is_link_local):
+    vpn = ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10")  # CGNAT: Tailscale and other VPNs
+    if ip.version == 6:
+        raise ValueError(f"shard server host {ip}: ggml RPC takes IPv4 addresses only here; give the worker an "
+                         f"IPv4 --host")
+    if not (ip.is_loopback or ip.is_private or ip.is_link_local or vpn):
         raise ValueError(f"refusing to start a shard server on the public address {ip}: ggml RPC has no "
                          f"authentication or TLS; bind a LAN address (10.x, 172.16-31.x, 192.168.x) behind your "
-                         f"router, or use a VPN")
+                         f"router, or a VPN's (e.g. Tailscale's 100.64-127.x)")
 
 
 class ShardServer:
@@ -490,8 +512,9 @@ class ShardServer:
         self._temp = not port and cache_dir is None
         self.port = port or _free_port(host)
         if cache_dir is None:
+            base = os.environ.get("AICLUSTER_SHARD_CACHE") or os.path.expanduser("~/.cache/aicluster/shards")
             cache_dir = (tempfile.mkdtemp(prefix=f"aicluster-shard-{self.port}-") if self._temp else
-                         os.path.join(os.path.expanduser("~/.cache/aicluster/shards"), f"{host}-{self.port}"))
+                         os.path.join(base, f"{host}-{self.port}"))
         self.cache_dir = cache_dir
         self.restarts = 0
         self.started = 0.0
@@ -521,7 +544,7 @@ class ShardServer:
         cmd = [sys.executable, "-m", "workloads.backends.rpc_server", "--endpoint", self.endpoint,
                "--device", self.device, "--threads", str(self.threads), "--cache", self.cache_dir,
                "--parent", str(os.getpid())]
-        log = open(os.path.join(self.cache_dir, "server.log"), "ab")
+        log = open(os.path.join(self.cache_dir, "server.log"), "wb")  # this run's output only
         with self._lock:
             self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)  # Ctrl-C goes to the worker, which stops it
@@ -529,16 +552,34 @@ class ShardServer:
         log.close()
         logger.info("shard server for %s on %s (%s), pid %d", self.name, self.endpoint, self.device, self.proc.pid)
 
+    #: a server that dies this many times in a row within seconds of starting is given up
+    MAX_FAST_FAILURES = 5
+
     def _watch(self) -> None:
+        fast = 0
         while not self._stop.wait(1.0):
             proc = self.proc
             if proc is not None and proc.poll() is not None and not self._stop.is_set():
-                self.last_error = f"exited with {proc.returncode}"
+                self.last_error = f"exited with {proc.returncode}: {self._log_tail() or 'no message'}"
+                fast = fast + 1 if time.time() - self.started < 10 else 1
+                if fast >= self.MAX_FAST_FAILURES:
+                    logger.error("shard server %s failed %d times right after starting; giving up: %s",
+                                 self.endpoint, fast, self.last_error)
+                    return
                 logger.warning("shard server %s %s; restarting it", self.endpoint, self.last_error)
                 self.restarts += 1
                 time.sleep(min(2 ** min(self.restarts, 4), 10) / 4)
                 if not self._stop.is_set():
                     self._spawn()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.cache_dir, "server.log"), "rb") as f:
+                f.seek(max(f.seek(0, 2) - 4096, 0))
+                lines = [x for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip()[:300] if lines else ""
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """True once the port accepts connections (the server then answers HELLO)."""
@@ -650,7 +691,8 @@ def layout_for(ai, spec, candidates: list[dict]) -> GGUFLayout:
     """The model's layout, read here when the file is on this machine, else on a worker."""
     import importlib
 
-    n_ctx = int(spec.options.get("n_ctx", 2048))
+    # the batch engine keeps n_ctx tokens for each of its `parallel` sequences
+    n_ctx = int(spec.options.get("n_ctx", 2048)) * int(spec.options.get("parallel", 8))
     path = importlib.import_module("workloads.backends._source").local_path(spec.source)
     if path is not None and Path(path).is_file():
         return read_layout(path, n_ctx)
@@ -676,18 +718,40 @@ def plan_for(ai, model: str, workers: list[str] | None = None) -> ShardPlan:
 
 
 def current_plan(workers: dict, model: str) -> ShardPlan | None:
-    """The plan of the head that holds ``model`` now (from the heartbeats), if any."""
+    """The plan of the head that holds ``model`` now and works (from the heartbeats), if
+    every worker of it is still here; else None (plan again)."""
     for w in workers.values():
         m = (((w.get("metrics") or {}).get("aicluster") or {}).get("models") or {}).get(model) or {}
-        if m.get("shard"):
-            return ShardPlan.from_dict(m["shard"]["plan"])
+        if m.get("shard") and m["shard"].get("healthy", True):
+            p = ShardPlan.from_dict(m["shard"]["plan"])
+            if all(part.worker in workers for part in p.parts):
+                return p
     return None
 
 
-def _hold(model: str, nbytes: int, dask_worker=None) -> dict:
+async def _hold(model: str, nbytes: int, dask_worker=None) -> dict:
+    import asyncio
+
     from .plugin import PLUGIN_NAME
 
-    return dask_worker.plugins[PLUGIN_NAME].hold_shard(model, nbytes)
+    # in a thread: making room may wait for a task that uses the model it evicts, and the
+    # worker's event loop (heartbeats, cancels) must not wait with it
+    return await asyncio.to_thread(dask_worker.plugins[PLUGIN_NAME].hold_shard, model, nbytes)
+
+
+async def _release(model: str, dask_worker=None) -> bool:
+    from .plugin import PLUGIN_NAME
+
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    return bool(host and host.release_shard(model))
+
+
+def release(client, p: ShardPlan) -> None:
+    """Stop counting ``p``'s parts on their workers (the head unloaded it, or never loaded it)."""
+    try:
+        client.run(_release, p.model, workers=p.workers, on_error="ignore")
+    except Exception:
+        pass
 
 
 def hold(client, p: ShardPlan) -> None:

@@ -43,6 +43,9 @@ def worker_rows(workers: dict, tiers=()) -> list[dict]:
             "nthreads": w.get("nthreads"),
             "resources": dict(resources),
             "running": int(counts.get("executing", 0)),
+            # paused: Dask stopped giving it tasks for memory (its ModelHost evicts idle models)
+            "status": str(w.get("status", "running")).removeprefix("Status."),
+            "memory": (w.get("metrics") or {}).get("memory"),
             "memory_kind": host.get("memory_kind", "ram"),
             "budget": host.get("budget"),
             "used": host.get("used", 0),
@@ -73,13 +76,17 @@ def format_table(rows: list[dict], models: bool = True) -> str:
             r["name"], tier, hw, f"{r['device']} {r['device_name']}" if r["device"] != "cpu" else r["device_name"] or "cpu",
             _b(r["vram_total"]), _b(r["memory_limit"]),
             f"{_b(r['used'])} / {_b(r['budget'])} {r['memory_kind'].upper()}" if r["budget"] else "-",
-            str(r["running"]),
+            str(r["running"]) + ("" if r.get("status", "running") == "running" else f" ({r['status'].upper()})"),
         ])
     out = text_table(head, body)
     if not body:
         out.append("(no workers connected)")
     if any(r["simulated"] for r in rows):
         out.append("simulated: the tier is forced or injected on a machine without such a GPU; work runs on the CPU.")
+    for r in rows:
+        if r.get("status") == "paused":
+            out.append(f"PAUSED: {r['name']} uses {_b(r.get('memory'))} of its {_b(r['memory_limit'])} memory limit, over "
+                       f"Dask's pause threshold: it takes no new tasks until it is under (idle models are unloaded).")
     if models:
         text = format_models(rows)
         if text:

@@ -16,6 +16,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import tempfile  # noqa: E402
 
 os.environ["AICLUSTER_BENCH_DIR"] = tempfile.mkdtemp(prefix="aicluster-bench-")
+# shard servers on fixed ports keep their weight cache here, not in ~/.cache
+os.environ["AICLUSTER_SHARD_CACHE"] = tempfile.mkdtemp(prefix="aicluster-shards-")
 
 import pytest
 import yaml

@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-__all__ = ["JOB_TYPES", "BenchJobError", "run_job", "validate_job", "matrix_multiply", "vector_addition",
+__all__ = ["JOB_TYPES", "BenchJobError", "JobTooBig", "job_memory", "run_job", "validate_job", "matrix_multiply", "vector_addition",
            "neural_network", "image_processing", "llm_throughput", "embed_throughput"]
 
 #: job_type -> {param: (type, default or None when required)}
@@ -48,6 +48,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 class BenchJobError(ValueError):
     """A job dict that cannot run: unknown job_type, a missing, negative or mistyped parameter."""
+
+
+class JobTooBig(BenchJobError):
+    """A job whose memory (estimated from its parameters) no worker of its tiers can give."""
 
 
 def validate_job(job: dict) -> tuple[str, dict, str]:
@@ -79,6 +83,29 @@ def validate_job(job: dict) -> tuple[str, dict, str]:
     if dtype not in DTYPES:
         raise BenchJobError(f"{jt}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return jt, params, dtype
+
+
+def job_memory(job_type: str, params: dict, dtype: str = "float32") -> int:
+    """Bytes a job holds at its peak (its tensors; not the worker's own ~0.5 GB), from its
+    parameters, so that a job no worker can hold is refused before it runs, and one that
+    only some workers can hold goes to those. A few float32 temporaries are counted."""
+    e = 2 if dtype in ("float16", "bfloat16") else 4
+    p = params
+    if job_type == "matrix_multiply":
+        # float32 randn for a and b, a and b in dtype, the product
+        return p["size"] ** 2 * (2 * 4 + 3 * e)
+    if job_type == "vector_addition":
+        # host vectors in float32 and dtype, the device copies and the sum
+        return p["size"] * (2 * 4 + 5 * e)
+    if job_type == "neural_network":
+        n = p["batch_size"] * 20
+        weights = p["input_size"] * p["hidden_size"] + p["hidden_size"] * p["output_size"]
+        return n * (p["input_size"] + 2 * p["output_size"]) * 4 + 4 * weights * 4 + 4 * p["batch_size"] * p["hidden_size"] * 4
+    if job_type == "image_processing":
+        px = p["batch_size"] * p["image_size"] ** 2
+        # images (float32 and dtype), 16 channels after the first convolution, 8 after pooling
+        return px * (3 * 4 + 3 * e + 16 * e + 8 * e)
+    return 0
 
 
 # -- device plumbing ------------------------------------------------------------------------

@@ -271,14 +271,66 @@ def write_report(records: list[dict], folder: str | Path, title: str = "Cluster 
 
 
 # -- the seed's job file ---------------------------------------------------------------------
-def _route_for(ai, job: dict):
-    """``prefer_gpu`` jobs go to the GPU tiers (best first), then the CPU tier."""
+#: what a job may take of a worker's free memory: the nanny restarts a worker at 95% of its
+#: limit, and the job's own estimate is rough
+JOB_MEMORY_SHARE = 0.8
+
+
+def worker_room(workers: dict) -> dict[str, tuple[str, int, str]]:
+    """``{address: (name, bytes a job may take, how)}`` from the workers' identities: free
+    GPU memory on a real GPU tier, else the memory limit less its resident models and what
+    the process itself needs."""
+    from dask.utils import format_bytes
+
+    from cluster.plugin import PROCESS_HEADROOM
+
+    out = {}
+    for addr, w in workers.items():
+        host = (w.get("metrics") or {}).get("aicluster") or {}
+        name = str(w.get("name", addr))
+        if host.get("device", "cpu").startswith("cuda") and host.get("vram_total"):
+            free = host["vram_total"] - (host.get("vram_used") or 0)
+            out[addr] = (name, int(JOB_MEMORY_SHARE * free), "free VRAM")
+        elif w.get("memory_limit"):
+            # what the worker process needs besides (Python, torch: PROCESS_HEADROOM) and its models
+            held = PROCESS_HEADROOM + (host.get("used") or 0)
+            out[addr] = (name, int(JOB_MEMORY_SHARE * (0.95 * w["memory_limit"] - held)),
+                         f"memory limit {format_bytes(w['memory_limit'])} less its models and the process itself")
+        else:
+            out[addr] = (name, 1 << 62, "no memory limit")
+    return out
+
+
+def _route_for(ai, job: dict, room: dict | None = None):
+    """``prefer_gpu`` jobs go to the GPU tiers (best first), then the CPU tier; with
+    ``room`` (``worker_room``), only to workers that can hold the job's memory (a tier where
+    some can: pinned to those), or ``JobTooBig`` naming the need and the largest room."""
+    from dataclasses import replace
+
+    from dask.utils import format_bytes
+
     cpu = ai.config.cpu_tier
     gpu_tiers = [t for t in ai.config.tiers if t != cpu]
     chain = (gpu_tiers + [cpu]) if job.get("prefer_gpu") else ai.config.fallback_chain(cpu)
-    from cluster import routing
-
-    return routing.resolve(chain, ai.live_tiers(), f"{job.get('job_type')} job")
+    what = f"{job.get('job_type')} job"
+    route = ai._resolve(chain, what)
+    if room is None:
+        return route
+    jt, params, dtype = bench.validate_job(job)
+    need = bench.job_memory(jt, params, dtype)
+    live = ai.live_tiers()
+    for tier in route.chain[route.chain.index(route.tier):]:
+        fits = [w for w in live.get(tier, []) if room.get(w, ("", 1 << 62, ""))[1] >= need]
+        if fits:
+            pinned = fits if len(fits) < len(live[tier]) else []
+            return replace(route, tier=tier, workers=pinned, fell_back=tier != route.chain[0])
+    cands = [room[w] for t in route.chain for w in live.get(t, []) if w in room]
+    best = max(cands, key=lambda r: r[1]) if cands else ("?", 0, "")
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    raise bench.JobTooBig(
+        f"{jt} ({shown}, {dtype}) needs about {format_bytes(need)}, but no worker of tiers {', '.join(route.chain)} "
+        f"can give that much: the most is {format_bytes(max(best[1], 0))} on {best[0]} ({best[2]}). Lower its "
+        f"parameters, or run it where a worker has more memory")
 
 
 def _free_gpu_worker(ai, route, busy: dict[str, int]):
@@ -315,7 +367,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     """
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight <= 0:
         raise ValueError(f"in_flight must be a positive integer, got {in_flight!r}")
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from tqdm.auto import tqdm
 
     from cluster.routing import NoWorkerForTier
@@ -323,12 +375,13 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     outcomes: list = [None] * len(jobs)
     t0 = time.perf_counter()
     todo = []
+    room = worker_room(ai._workers())  # once per run: what each worker can give a job
     for i, job in enumerate(jobs):
         default_id = ids[i] if ids is not None else i
         jid = job.get("job_id", job.get("id", default_id)) if isinstance(job, dict) else default_id
         try:
             bench.validate_job(job)
-            route = _route_for(ai, job)
+            route = _route_for(ai, job, room)
         except (bench.BenchJobError, NoWorkerForTier) as e:
             outcomes[i] = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": str(e)}
             if on_result:
@@ -340,37 +393,75 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     busy: dict[str, int] = {}  # this run's jobs in flight per pinned worker
     ac = as_completed([])
 
+    def submit(item, retry: bool = False):
+        i, jid, job, route = item
+        if job.get("prefer_gpu") and not route.workers:
+            route = _free_gpu_worker(ai, route, busy) or route
+        what = f"{job['job_type']} job {jid}" + (" (retried alone)" if retry else "")
+        f = ai._submit_routed(route, what, _job_task, job, kind="bench-job", pure=False,
+                              priority=job.get("priority", priority))
+        meta[f.key] = (i, jid, job, route)
+        for w in route.workers:
+            busy[w] = busy.get(w, 0) + 1
+        ac.add(f)
+
     def submit_next():
         nxt = next(pending, None)
         if nxt is not None:
-            i, jid, job, route = nxt
-            if job.get("prefer_gpu"):
-                route = _free_gpu_worker(ai, route, busy) or route
-            f = ai._submit_routed(route, f"{job['job_type']} job {jid}", _job_task, job, kind="bench-job", pure=False,
-                                  priority=job.get("priority", priority))
-            meta[f.key] = (i, jid, job, route)
-            for w in route.workers:
-                busy[w] = busy.get(w, 0) + 1
-            ac.add(f)
+            submit(nxt)
+
+    # A job that kills its worker (out of memory, say) fails with KilledWorker once Dask has
+    # seen the worker die `allowed-failures` times; so does every job that was only queued on
+    # that worker. Those run again one at a time at the end: the innocent ones complete,
+    # the one that kills its worker fails alone, with an error that says so.
+    killed: list = []
+    retried = False
+
+    def finish(f) -> None:
+        i, jid, job, route = meta.pop(f.key)
+        for w in route.workers:
+            busy[w] -= 1
+        e = failure(f)
+        if isinstance(e, KilledWorker) and not retried:
+            killed.append((i, jid, job, route))
+            submit_next()
+            return
+        if isinstance(e, KilledWorker):
+            jt, params, dtype = bench.validate_job(job)
+            from dask.utils import format_bytes
+
+            out = {"index": i, "job_id": jid, "job": job, "status": "failed",
+                   "error": f"KilledWorker: {job['job_type']} job {jid} killed its worker again when it ran alone: it "
+                            f"needs more memory than the worker has (estimated {format_bytes(bench.job_memory(jt, params, dtype))}"
+                            f" for its tensors); lower its parameters", "retried": True}
+        elif e is not None:
+            out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        else:
+            out = {"index": i, "job_id": jid, "job_type": job["job_type"], "status": "completed",
+                   "worker_type": "GPU" if route.tier != ai.config.cpu_tier else "CPU", **f.result()}
+        if retried:
+            out["retried"] = True
+        outcomes[i] = out
+        if on_result:
+            on_result(out)
+        bar.update(1)
+        submit_next()
 
     for _ in range(in_flight):
         submit_next()
     with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
         for f in ac:
-            i, jid, job, route = meta.pop(f.key)
-            for w in route.workers:
-                busy[w] -= 1
-            e = failure(f)
-            if e is not None:
-                out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-            else:
-                out = {"index": i, "job_id": jid, "job_type": job["job_type"], "status": "completed",
-                       "worker_type": "GPU" if route.tier != ai.config.cpu_tier else "CPU", **f.result()}
-            outcomes[i] = out
-            if on_result:
-                on_result(out)
-            bar.update(1)
-            submit_next()
+            finish(f)
+        retried = True
+        for item in killed:  # alone, one after another
+            i, jid, job, route = item
+            try:
+                route = _route_for(ai, job, worker_room(ai._workers()))
+            except Exception:
+                pass  # the old route stands
+            submit((i, jid, job, route), retry=True)
+            for f in ac:
+                finish(f)
     return outcomes, time.perf_counter() - t0
 
 

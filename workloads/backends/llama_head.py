@@ -78,39 +78,68 @@ class ShardedModel(TextGenerator):
         # only the shard servers hold layers (this worker's own GPU through its own server)
         env["CUDA_VISIBLE_DEVICES"] = ""
         env.setdefault("OMP_NUM_THREADS", str(threads))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "workloads.backends.llama_head"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env, start_new_session=True)
         self._stderr: deque[str] = deque(maxlen=40)
-        threading.Thread(target=self._read_stderr, daemon=True, name=f"aicluster-head-err-{name}").start()
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._next = 0
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closing = False
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "workloads.backends.llama_head"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env, start_new_session=True)
+        try:
+            self._load(opts, threads, on_progress)
+        except BaseException:
+            self._closing = True
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            if client is not None:
+                from cluster.shards import release
+
+                release(client, self.plan)
+            raise
+
+    #: a load that reports no progress for this long is given up: a shard server that serves
+    #: another head (one at a time) or that went silent would keep it waiting for ever
+    LOAD_STALL = 120.0
+    #: while requests run, how often the head checks that every part's worker is still here
+    WATCH_EVERY = 5.0
+
+    def _load(self, opts: dict, threads: int, on_progress) -> None:
+        import queue
+
+        name = self.name
+        threading.Thread(target=self._read_stderr, daemon=True, name=f"aicluster-head-err-{name}").start()
+        loading: queue.Queue = queue.Queue()
+        threading.Thread(target=self._reader, args=(loading,), daemon=True, name=f"aicluster-head-{name}").start()
         self._send({"path": str(self.path), "name": name, "endpoints": self.plan.endpoints,
                     "tensor_split": self.plan.tensor_split, "threads": threads, "options": opts})
         t0 = time.perf_counter()
         while True:  # load: progress lines, then "ready" (or the child's death)
-            msg = self._read()
+            try:
+                msg = loading.get(timeout=self.LOAD_STALL)
+            except queue.Empty:
+                raise ShardLost(
+                    f"model {name!r}: loading across {', '.join(p.name for p in self.plan.parts)} made no progress "
+                    f"for {self.LOAD_STALL:.0f} s: a shard server is serving another model's head (one at a time) "
+                    f"or stopped answering") from None
             if msg is None:
                 raise ShardLost(f"model {name!r} could not be loaded across {', '.join(p.name for p in self.plan.parts)}: "
                                 + self._death())
             if "progress" in msg and on_progress is not None:
                 on_progress(float(msg["progress"]))
             if "error" in msg:
-                self._proc.kill()
                 raise (InputError if msg.get("type") == "InputError" else RuntimeError)(msg["error"])
             if msg.get("ready"):
                 break
         self.load_seconds = time.perf_counter() - t0
-        threading.Thread(target=self._reader, daemon=True, name=f"aicluster-head-{name}").start()
         threading.Thread(target=self._watch_stops, daemon=True, name=f"aicluster-head-stop-{name}").start()
 
     @property
     def shard_info(self) -> dict:
-        return {"plan": self.plan.to_dict(), "pid": self._proc.pid}
+        return {"plan": self.plan.to_dict(), "pid": self._proc.pid, "healthy": self.healthy}
 
     # -- the interface of LlamaModel --------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -187,12 +216,19 @@ class ShardedModel(TextGenerator):
                 self._stderr.append(text)
                 logger.debug("head %s: %s", self.name, text)
 
-    def _reader(self) -> None:
+    def _reader(self, loading) -> None:
         while True:
             try:
                 msg = self._read()
             except (ValueError, OSError):
                 msg = None
+            if loading is not None:  # still loading: _load reads these (and handles an end or error)
+                loading.put(msg)
+                if msg is None or "error" in msg:
+                    return
+                if msg.get("ready"):
+                    loading = None
+                continue
             if msg is None:
                 break
             p = self._pending.get(msg.get("id"))
@@ -264,12 +300,38 @@ class ShardedModel(TextGenerator):
         self._fail_all(f"model {self.name!r}: {why}")
 
     def _watch_stops(self) -> None:
+        last = time.monotonic()
         while self.healthy:
             for rid, p in list(self._pending.items()):
                 if not p.cancel_sent and p.should_stop is not None and p.should_stop():
                     p.cancel_sent = True
                     self._send({"op": "cancel", "id": rid})
+            if self._pending and self._client is not None and time.monotonic() - last > self.WATCH_EVERY:
+                last = time.monotonic()
+                self._check_parts()
             time.sleep(0.05)
+
+    def _check_parts(self) -> None:
+        """A part's worker that left the cluster (a PC switched off, its link cut): its server
+        may never answer again and llama.cpp would wait on the socket for minutes. End the
+        child now; its requests fail naming the worker."""
+        try:
+            here = self._client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:
+            return
+        if not here:
+            return  # an empty answer says nothing (the client's identity cache, issue 12)
+        gone = [p for p in self.plan.parts if p.worker not in here]
+        if gone:
+            why = (f"model {self.name!r} (split over {', '.join(p.name for p in self.plan.parts)}) lost the "
+                   f"worker(s) {', '.join(f'{p.name} ({p.endpoint})' for p in gone)}: it left the cluster; it is "
+                   f"planned again on the next request")
+            self._closing = True
+            with self._lock:
+                self._dead = why
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._fail_all(why)
 
 
 def load_sharded(spec, device: str = "cpu", threads: int = 1, name: str = "model") -> ShardedModel:

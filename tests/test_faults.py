@@ -1,0 +1,265 @@
+"""Faults: memory pressure, restarted workers, a worker list that cannot lie (issue 12).
+
+Real Dask workers (Nanny processes) with real memory: a test fills a worker's memory with
+an array it keeps, so that Dask's own monitor pauses the worker.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import base_config
+
+
+def one_worker(tier: str = "CPU", memory_limit: str = "2GB", grace: float = 300) -> dict:
+    data = base_config()
+    data["local"]["workers"] = [{"name": "w1", "tier": tier, "nthreads": 1, "memory_limit": memory_limit}]
+    data["routing"]["restart_grace"] = grace
+    return data
+
+
+# -- run on the worker --------------------------------------------------------------------------
+_BALLAST: list = []
+
+
+def _fill(nbytes: int) -> int:
+    """Keep ``nbytes`` of touched memory in the worker (as data a task left behind would)."""
+    import numpy as np
+
+    _BALLAST.append(np.ones(max(int(nbytes), 1), dtype=np.uint8))
+    return len(_BALLAST)
+
+
+def _empty() -> None:
+    _BALLAST.clear()
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _evictions(dask_worker=None) -> list:
+    from cluster.plugin import PLUGIN_NAME
+
+    return list(dask_worker.plugins[PLUGIN_NAME].evictions)
+
+
+def _status(dask_worker=None) -> str:
+    return dask_worker.status.name
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = pred()
+        if out:
+            return out
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_budget_leaves_room_under_the_pause_threshold():
+    from cluster.plugin import ram_budget
+
+    assert ram_budget(0.8, 8 * 10**9, 0.8) == int(0.8 * 8e9 - 0.1 * 8e9)      # 10% of the limit
+    assert ram_budget(0.8, 2 * 10**9, 0.8) == int(0.8 * 2e9 - 512 * 2**20)    # at least 512 MiB
+    assert ram_budget(0.5, 4 * 10**9, 0.8) == int(0.5 * 4e9)                   # a smaller budget stays
+    assert ram_budget(0.8, 4 * 10**9, None) == int(0.8 * 4e9)                  # a worker that never pauses
+
+
+def test_paused_worker_unloads_idle_models_and_resumes():
+    """A worker pushed over Dask's pause threshold while a model is resident: ModelHost
+    unloads the model (no task uses it), the worker resumes, and the job waiting for it runs."""
+    from cluster import connect
+
+    with connect(one_worker(memory_limit="4GB"), dashboard_port=0) as ai:
+        addr = next(iter(ai.live_tiers()["CPU"]))
+        ai.generate_now("Hello", model="gemma-270m", tier="CPU", max_tokens=2)
+        model_bytes = ai.client.run(lambda dask_worker: dask_worker.plugins["aicluster-modelhost"].used)[addr]
+        rss = ai.client.run(_rss)[addr]
+        limit = 4 * 10**9
+        # over the pause threshold (0.8) with the model, and under it without the model; far
+        # from the nanny's 0.95 (it would restart the worker)
+        ai.client.run(_fill, int(0.8 * limit - rss + min(model_bytes // 2, 0.1 * limit)))
+        try:
+            _wait(lambda: "gemma-270m" in ai.client.run(_evictions)[addr], 60, "the model to be evicted")
+            assert ai.submit(sum, [1, 2], tier="CPU").result(timeout=120) == 3
+            assert ai.client.run(_status)[addr] == "running"
+        finally:
+            ai.client.run(_empty)
+
+
+def test_worker_paused_for_good_fails_the_task_naming_it():
+    """A worker that stays paused (memory its models do not hold): a task for its tier fails
+    after routing.restart_grace with an error naming the worker and its memory, and status
+    shows it paused; once the memory is freed the worker takes work again."""
+    from cluster import connect
+    from cluster.routing import WorkersPaused
+
+    with connect(one_worker(grace=3), dashboard_port=0) as ai:
+        addr = next(iter(ai.live_tiers()["CPU"]))
+        rss = ai.client.run(_rss)[addr]
+        ai.client.run(_fill, int(0.85 * 2 * 10**9 - rss))
+        try:
+            _wait(lambda: ai.client.run(_status)[addr] == "paused", 30, "the worker to pause")
+            with pytest.raises(WorkersPaused, match=r"w1 \(.*of 1\.86 GiB\).*restart_grace"):
+                ai.submit(sum, [1, 2], tier="CPU").result(timeout=120)
+            text = _wait(lambda: (lambda t: t if "PAUSED" in t else None)(str(ai.status())), 10, "status to say so")
+            assert "PAUSED: w1" in text and "(PAUSED)" in text
+        finally:
+            ai.client.run(_empty)
+        _wait(lambda: ai.client.run(_status)[addr] == "running", 30, "the worker to resume")
+        assert ai.submit(sum, [1, 2], tier="CPU").result(timeout=60) == 3
+
+
+def test_task_of_a_crashed_worker_runs_when_it_is_back_not_after_the_grace():
+    """The tier's only worker dies mid-generation; its nanny restarts it (a new address). The
+    generation, pinned to the old worker by model affinity, runs on the new one as soon as it
+    joins, not after routing.restart_grace (300 s here)."""
+    from cluster import connect
+
+    with connect(one_worker(tier="VRAM12", memory_limit="3GB", grace=300), dashboard_port=0) as ai:
+        ai.generate_now("warm", max_tokens=2)
+        time.sleep(1.5)  # the heartbeat says the model is resident: the next task is pinned there
+        f = ai.generate("Tell a long story about a lighthouse.", max_tokens=200)
+        pid = next(iter(ai.client.run(os.getpid).values()))
+        time.sleep(2)
+        os.kill(pid, signal.SIGKILL)
+        out = f.result(timeout=150)  # a hang guard, far below the 300 s grace
+        assert out["completion_tokens"] == 200
+
+
+# -- the facade's worker list ----------------------------------------------------------------
+def test_routing_never_reports_a_false_no_worker():
+    """20,000 routing decisions while two other clients submit work: not one false
+    NoWorkerForTier (the client's cached identity used to list no workers now and then)."""
+    from distributed import Client
+
+    from cluster import connect
+    from conftest import three_tier_config
+
+    with connect(three_tier_config(), processes=False, dashboard_port=0) as ai:
+        stop = threading.Event()
+        done, busy = [], threading.Semaphore(0)
+
+        def other_client():
+            with Client(ai.scheduler_address, timeout=30) as c:
+                n = 0
+                while not stop.is_set() and n < 20_000:
+                    c.gather([c.submit(sum, [i, n], resources={"CPU": 1}, pure=False) for i in range(20)])
+                    n += 20
+                    if n == 20:
+                        busy.release()
+                done.append(n)
+
+        threads = [threading.Thread(target=other_client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            assert busy.acquire(timeout=60) and busy.acquire(timeout=60)  # both are submitting
+            tiers = ["CPU", "VRAM6", "VRAM12"]
+            routes = [ai.route(tiers[i % 3]).tier for i in range(20_000)]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert routes.count("CPU") > 6000 and set(routes) == {"CPU", "VRAM6", "VRAM12"}
+        assert len(done) == 2 and all(n > 0 for n in done)
+
+
+def test_worker_view_follows_joins_leaves_and_checks_before_failing():
+    from distributed import Worker
+
+    from cluster import connect
+    from cluster.routing import NoWorkerForTier
+    from conftest import three_tier_config
+
+    data = three_tier_config()
+    data["local"]["workers"] = data["local"]["workers"][:1]  # pc1, VRAM12 only
+    data["routing"]["fallback"]["VRAM6"] = []
+    with connect(data, processes=False, dashboard_port=0) as ai:
+        with pytest.raises(NoWorkerForTier, match="VRAM6"):
+            ai.route("VRAM6")
+
+        async def start():
+            return await Worker(ai.scheduler_address, resources={"VRAM6": 1}, nthreads=1, name="late")
+
+        w = ai.client.sync(start)
+        try:
+            _wait(lambda: "VRAM6" in ai.live_tiers(), 10, "the join to reach the view")
+            assert ai.route("VRAM6").tier == "VRAM6"
+        finally:
+            ai.client.sync(w.close)
+        _wait(lambda: "VRAM6" not in ai.live_tiers(), 10, "the leave to reach the view")
+        # a view that lost its events (a scheduler restart) is checked before an error
+        ai._view._workers.clear()
+        assert ai.route("VRAM12").tier == "VRAM12"
+
+
+# -- poison jobs -----------------------------------------------------------------------------
+def test_a_job_no_worker_can_hold_is_refused_before_it_runs(tiers):
+    from workloads.bench_report import run_jobs
+
+    jobs = [{"job_type": "matrix_multiply", "size": 25000}, {"job_type": "matrix_multiply", "size": 64, "iterations": 2}]
+    outcomes, _ = run_jobs(tiers, jobs, progress=False)
+    assert outcomes[0]["status"] == "failed"
+    assert "matrix_multiply (size=25000, iterations=10, float32) needs about 11.64 GiB" in outcomes[0]["error"]
+    assert "the most is" in outcomes[0]["error"] and "Lower its parameters" in outcomes[0]["error"]
+    assert outcomes[1]["status"] == "completed"
+
+
+def test_a_job_goes_only_to_workers_that_can_hold_it():
+    """Two CPU workers, one with 6 GB, one with 2 GB: a 2.5 GB job is pinned to the big one."""
+    from cluster import connect
+    from cluster.routing import ANNOTATION
+    from conftest import three_tier_config
+    from workloads.bench import job_memory
+    from workloads.bench_report import _route_for, worker_room
+
+    data = three_tier_config()
+    data["local"]["workers"] = [{"name": "big", "tier": "CPU", "nthreads": 1, "memory_limit": "6GB"},
+                                {"name": "small", "tier": "CPU", "nthreads": 1, "memory_limit": "2GB"}]
+    with connect(data, processes=False, dashboard_port=0) as ai:
+        job = {"job_type": "vector_addition", "size": 90_000_000, "iterations": 1}
+        assert 2e9 < job_memory("vector_addition", {"size": 90_000_000, "iterations": 1}) < 3e9
+        room = worker_room(ai._workers())
+        route = _route_for(ai, job, room)
+        assert [room[w][0] for w in route.workers] == ["big"]
+        small = {"job_type": "vector_addition", "size": 1000}
+        assert _route_for(ai, small, room).workers == []  # any worker
+        assert ANNOTATION  # (the job board shows where it ran)
+
+
+def test_jobs_that_shared_a_killed_worker_run_again_and_complete():
+    """The worker dies (SIGKILL) while jobs run and wait on it; with allowed-failures 0 they
+    all get KilledWorker. run_jobs runs them again one at a time: all complete, marked retried."""
+    import dask
+
+    from cluster import connect
+    from workloads.bench_report import run_jobs
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with connect(one_worker(memory_limit="3GB", grace=120), dashboard_port=0) as ai:
+            pid = next(iter(ai.client.run(os.getpid).values()))
+            jobs = [{"job_type": "matrix_multiply", "size": 1000, "iterations": 20, "job_id": f"j{i}"} for i in range(3)]
+            box = {}
+            t = threading.Thread(target=lambda: box.update(out=run_jobs(ai, jobs, progress=False, in_flight=3)))
+            t.start()
+            _wait(lambda: ai.jobs(state="running"), 60, "a job to start")
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            t.join(300)
+            outcomes, _ = box["out"]
+    assert [o["status"] for o in outcomes] == ["completed"] * 3, outcomes
+    assert any(o.get("retried") for o in outcomes)
