@@ -10,7 +10,7 @@ import click
 from .cli_common import ADDRESS_HELP, CONFIG_HELP, checked_address, connect_ai as _connect, load_cfg, scheduler_client
 from .files import (InputFileError, OutputError, ResultLog, atomic_write, check_writable, content_keys, open_locked,
                     read_lines)
-from .jobs import failure
+from .jobs import SchedulerLost, failure, wait_for_scheduler
 
 
 
@@ -139,11 +139,27 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
                         spread_embed(ai, spec, model, lines, params, chunk_size=chunk_size, skip=set(done),
                                      priority=priority, on_part=lambda off, part, h: keep(part), wait=True)
                     else:
-                        futures = [ai._submit_routed(route, f"embed with {model}", _task("embed"),
+                        def submit(i):
+                            return ai._submit_routed(route, f"embed with {model}", _task("embed"),
                                                      lines[i:i + chunk_size], model, spec, params, offset=i,
                                                      kind="embed", priority=priority)
-                                   for i in todo]
-                        for f in as_completed(futures):
+
+                        offset_of = {}
+                        ac = as_completed([])
+                        for i in todo:
+                            f = submit(i)
+                            offset_of[f.key] = i
+                            ac.add(f)
+                        for f in ac:
+                            i = offset_of.pop(f.key)
+                            err = failure(f)
+                            if isinstance(err, SchedulerLost):  # the scheduler restarted: this chunk again
+                                tqdm.write(f"chunk at text {i}: lost with the scheduler; retried", file=sys.stderr)
+                                wait_for_scheduler(ai.client)
+                                f = submit(i)
+                                offset_of[f.key] = i
+                                ac.add(f)
+                                continue
                             keep(f.result())
                 except Exception as e:
                     _fail(e)
@@ -209,7 +225,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
         log.open()
     except OutputError as e:
         raise click.ClickException(str(e)) from None
-    failed = 0
+    failed = retried = 0
     with log:
         done_ids = log.done_keys()
         # an answer made from another prompt or with other settings is not this job's answer
@@ -263,19 +279,29 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                     by_key = {}
                     ac = as_completed([])
 
+                    def submit(job) -> None:
+                        f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"],
+                                        temperature=temperature, priority=priority)
+                        by_key[f.key] = job
+                        ac.add(f)
+
                     def submit_next():
                         job = next(pending, None)
                         if job is not None:
-                            f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"],
-                                            temperature=temperature, priority=priority)
-                            by_key[f.key] = job
-                            ac.add(f)
+                            submit(job)
 
                     for _ in range(in_flight):
                         submit_next()
                     for f in ac:
                         job = by_key.pop(f.key)
                         err = failure(f)
+                        if isinstance(err, SchedulerLost):  # the scheduler restarted: run it again
+                            retried += 1
+                            tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): lost with the scheduler; "
+                                       "retried", file=sys.stderr)
+                            wait_for_scheduler(ai.client)
+                            submit(job)
+                            continue
                         if err is not None:
                             failed_one(job, err)
                         else:
@@ -283,7 +309,9 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                         submit_next()
             except Exception as e:
                 _fail(e)
-    click.echo(f"wrote {len(todo) - failed} answers to {output}" + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
+    click.echo(f"wrote {len(todo) - failed} answers to {output}"
+               + (f" ({retried} retried after the scheduler restarted)" if retried else "")
+               + (f"; {failed} failed (see above), run again to retry them" if failed else ""))
     if failed:
         raise SystemExit(1)
 
@@ -398,7 +426,7 @@ def pipeline_cmd(spec, sets, address, as_json, priority, config_path):
 
 @click.command("jobs")
 @click.argument("address", required=False)
-@click.option("--state", type=click.Choice(["pending", "running", "done", "failed", "cancelled"]), multiple=True,
+@click.option("--state", type=click.Choice(["pending", "running", "done", "failed", "cancelled", "lost"]), multiple=True,
               help="Only jobs in this state (repeatable).")
 @click.option("--limit", type=int, default=50, show_default=True, help="The most recent N jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -185,8 +185,13 @@ class AICluster:
         return self._resolve(self.config.fallback_chain(tier), what)
 
     def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", priority: int = 0,
-                       **kwargs) -> Future:
-        with dask.annotate(**route.annotation(what, kind, priority)):
+                       group: str | None = None, parts: int | None = None, **kwargs) -> Future:
+        """``fn(*args)`` along ``route``; ``group``/``parts``: this task is one of ``parts``
+        chunks of one call, shown as one row on the job board."""
+        ann = route.annotation(what, kind, priority)
+        if group is not None:
+            ann[routing.ANNOTATION].update(group=group, parts=parts)
+        with dask.annotate(**ann):
             return self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
 
     def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, **kwargs) -> Future:
@@ -380,10 +385,12 @@ class AICluster:
         fn = _task("embed")
         what = f"embed with {model}"
         token = uuid.uuid4().hex[:12]
-        parts = [
+        starts = range(0, len(items), chunk_size)
+        parts = [  # one row on the job board, its chunks under it
             self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
-                                kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority)
-            for i in range(0, len(items), chunk_size)
+                                kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority,
+                                group=f"embed-{model}-{token}", parts=len(starts))
+            for i in starts
         ]
         return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}",
                                   priority=priority)

@@ -103,6 +103,10 @@ class SchedulerConfig(_Strict):
     host: str = ""
     port: int = Field(default=8786, ge=0, le=65535)
     dashboard_port: int = Field(default=8787, ge=0, le=65535)
+    #: the job board's SQLite file ("": ~/.local/share/aicluster/jobs-<port>.sqlite3; "none": memory only)
+    jobs_db: str = ""
+    jobs_max: int = Field(default=2000, ge=1)
+    jobs_max_age: float = Field(default=7 * 86400, gt=0)
 
 
 class ReconnectConfig(_Strict):

@@ -105,7 +105,9 @@ def local_cluster(config=None, scheduler_port: int = 0, dashboard_port: int | No
             "port": scheduler_port,
             "dashboard_address": unparse_host_port(host, dashboard_port),
             "preload": ["cluster.scheduler"],
-            "preload_argv": ["--config", _config_file(cfg)],
+            # the embedded cluster's job board lives as long as the cluster: a temporary file
+            "preload_argv": ["--config", _config_file(cfg), "--jobs-db",
+                             os.path.join(tempfile.mkdtemp(prefix="aicluster-jobs-"), "jobs.sqlite3")],
             "security": cfg.security_object(),
         },
     }

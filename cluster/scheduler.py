@@ -7,6 +7,8 @@ page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus m
 """
 from __future__ import annotations
 
+import os
+
 import click
 
 from . import dashboard
@@ -20,12 +22,22 @@ from .security import listen_addresses, warn_if_open
 dashboard.register_page()
 
 
-async def setup_scheduler(scheduler, config=None) -> None:
+async def setup_scheduler(scheduler, config=None, jobs_db: str | None = None) -> None:
     cfg = load_config(config)
     if TierGuard.name not in scheduler.plugins:
         scheduler.add_plugin(TierGuard(grace=cfg.routing.restart_grace))
     if JobBoard.name not in scheduler.plugins:
-        scheduler.add_plugin(JobBoard())
+        path = cfg.scheduler.jobs_db if jobs_db is None else jobs_db
+        if path == "none":
+            path = None
+        elif not path:
+            from .jobs import default_jobs_db
+
+            path = default_jobs_db(scheduler.port)
+        else:
+            path = os.path.expanduser(path)
+        scheduler.add_plugin(JobBoard(max_jobs=cfg.scheduler.jobs_max, db=path,
+                                      max_age=cfg.scheduler.jobs_max_age))
     if WorkerEvents.name not in scheduler.plugins:
         scheduler.add_plugin(WorkerEvents())
     if ModelAffinity.name not in scheduler.plugins:
@@ -39,5 +51,7 @@ async def setup_scheduler(scheduler, config=None) -> None:
 @click.command()
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="config.yaml to read (default: $AICLUSTER_CONFIG, ./config.yaml, the project's).")
-async def dask_setup(scheduler, config_path):
-    await setup_scheduler(scheduler, config_path)
+@click.option("--jobs-db", default=None,
+              help="The job board's SQLite file (default: scheduler.jobs_db; 'none': memory only).")
+async def dask_setup(scheduler, config_path, jobs_db):
+    await setup_scheduler(scheduler, config_path, jobs_db=jobs_db)

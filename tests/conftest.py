@@ -18,6 +18,8 @@ import tempfile  # noqa: E402
 os.environ["AICLUSTER_BENCH_DIR"] = tempfile.mkdtemp(prefix="aicluster-bench-")
 # shard servers on fixed ports keep their weight cache here, not in ~/.cache
 os.environ["AICLUSTER_SHARD_CACHE"] = tempfile.mkdtemp(prefix="aicluster-shards-")
+# `aicluster scheduler` keeps its job board under $XDG_DATA_HOME/aicluster (not ~/.local/share)
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="aicluster-data-")
 
 import pytest
 import yaml

@@ -263,3 +263,74 @@ def test_jobs_that_shared_a_killed_worker_run_again_and_complete():
             outcomes, _ = box["out"]
     assert [o["status"] for o in outcomes] == ["completed"] * 3, outcomes
     assert any(o.get("retried") for o in outcomes)
+
+
+# -- the scheduler restarts -------------------------------------------------------------------
+def _processing(dask_scheduler=None) -> int:
+    return sum(ts.state == "processing" for ts in dask_scheduler.tasks.values())
+
+
+def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_tests):
+    """`aicluster generate` runs while the scheduler PC is killed and started again: the
+    answers in flight are submitted again (reported as retried, not cancelled), every answer
+    is written once, and the job board (SQLite on the scheduler) still has what ran before,
+    the generations cut off by the restart reading `lost`."""
+    import json
+
+    import yaml
+    from distributed import Client
+
+    from conftest import free_port
+    from procs import proc, read_until, run
+
+    data = base_config()
+    data["worker"]["reconnect"] = {"initial_delay": 0.5, "max_delay": 1}
+    data["scheduler"]["jobs_db"] = str(tmp_path / "jobs.sqlite3")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
+    sched_args = ["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Story number {i} about a lighthouse:"}) + "\n"
+                               for i in range(4)))
+    out = tmp_path / "answers.jsonl"
+    with proc(sched_args, env) as sched:
+        read_until(sched, "scheduler at")
+        with proc(["aicluster", "worker", addr, "--tier", "VRAM12", "--host", "127.0.0.1", "--name", "pc1"], env) as w:
+            read_until(w, "Registered to")
+            r = run(["generate", "--prompts", str(prompts), "-o", str(tmp_path / "warm.jsonl"), "--address", addr,
+                     "--max-tokens", "4"], env)
+            assert r.returncode == 0, r.stderr
+            with proc(["aicluster", "generate", "--prompts", str(prompts), "-o", str(out), "--address", addr,
+                       "--max-tokens", "200"], env) as gen:
+                with Client(addr, timeout=30) as c:  # until the four generations run
+                    _wait(lambda: c.run_on_scheduler(_processing) >= 4, 120, "the generations to start")
+                time.sleep(1)
+                sched.kill()
+                sched.wait()
+                with proc(sched_args, env) as sched2:
+                    read_until(sched2, "scheduler at")
+                    log = read_until(gen, "wrote 4 answers", timeout=240)
+                    assert gen.wait(30) == 0, log
+                    assert "lost with the scheduler; retried" in log and "4 retried after the scheduler restarted" in log
+                    rows = [json.loads(line) for line in out.read_text().splitlines()]
+                    assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2", "p3"]
+                    assert all(r["completion_tokens"] == 200 or r["finish_reason"] == "stop" for r in rows)
+                    with Client(addr, timeout=30) as c:
+                        from cluster.jobs import job_rows
+
+                        board = c.run_on_scheduler(job_rows)
+                    states = [j["state"] for j in board]
+                    assert states.count("lost") == 4 and states.count("done") >= 8, states
+
+
+def test_one_large_embed_is_one_job_with_its_chunks_under_it(tiers):
+    texts = [f"sentence number {i}" for i in range(300)]
+    f = tiers.embed(texts, chunk_size=100)
+    assert f.result().shape == (300, 384)
+    rows = [r for r in tiers.jobs() if r["key"] == f.key]
+    assert len(rows) == 1, tiers.jobs()
+    assert rows[0]["state"] == "done" and rows[0]["parts"] == 3 and rows[0]["parts_done"] == 3
+    assert "3/3 parts" in str(tiers.jobs())

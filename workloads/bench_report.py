@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from cluster.files import atomic_write
-from cluster.jobs import failure
+from cluster.jobs import SchedulerLost, failure, wait_for_scheduler
 from cluster.status import text_table
 
 from . import bench
@@ -393,11 +393,11 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     busy: dict[str, int] = {}  # this run's jobs in flight per pinned worker
     ac = as_completed([])
 
-    def submit(item, retry: bool = False):
+    def submit(item, note: str = ""):
         i, jid, job, route = item
         if job.get("prefer_gpu") and not route.workers:
             route = _free_gpu_worker(ai, route, busy) or route
-        what = f"{job['job_type']} job {jid}" + (" (retried alone)" if retry else "")
+        what = f"{job['job_type']} job {jid}" + note
         f = ai._submit_routed(route, what, _job_task, job, kind="bench-job", pure=False,
                               priority=job.get("priority", priority))
         meta[f.key] = (i, jid, job, route)
@@ -422,6 +422,10 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
         for w in route.workers:
             busy[w] -= 1
         e = failure(f)
+        if isinstance(e, SchedulerLost):  # the scheduler restarted: the same job again, not "cancelled"
+            wait_for_scheduler(ai.client)
+            submit((i, jid, job, route), " (again: the scheduler restarted)")
+            return
         if isinstance(e, KilledWorker) and not retried:
             killed.append((i, jid, job, route))
             submit_next()
@@ -459,7 +463,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
                 route = _route_for(ai, job, worker_room(ai._workers()))
             except Exception:
                 pass  # the old route stands
-            submit((i, jid, job, route), retry=True)
+            submit((i, jid, job, route), " (retried alone)")
             for f in ac:
                 finish(f)
     return outcomes, time.perf_counter() - t0
