@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.notebook
 
-.PHONY: install demo test bench notebook notebooks clean
+.PHONY: install demo test bench soak notebook notebooks clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -77,6 +77,10 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
 	HF_HUB_OFFLINE=1 $(PY) bench/sharded.py
 	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
+
+# 10 minutes of mixed traffic from 3 clients while a worker is killed every 60 s
+soak: install
+	HF_HUB_OFFLINE=1 $(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

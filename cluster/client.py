@@ -173,7 +173,17 @@ class AICluster:
             return routing.resolve(chain, self.live_tiers(), what)
         except routing.NoWorkerForTier:
             self._view.refresh()
-            return routing.resolve(chain, self.live_tiers(), what)
+            try:
+                return routing.resolve(chain, self.live_tiers(), what)
+            except routing.NoWorkerForTier:
+                # a worker of the chain left moments ago (crashed: its nanny restarts it): the
+                # task waits for it like a task already running there would (TierGuard, for
+                # routing.restart_grace), instead of failing in the few seconds of the restart
+                grace = self.config.routing.restart_grace
+                tier = self._view.recently_left(chain, grace) if grace > 0 else None
+                if tier is None:
+                    raise
+                return routing.Route(tier=tier, chain=list(chain))
 
     def _check_tier(self, tier: str) -> None:
         if tier not in self.config.tiers:

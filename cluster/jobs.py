@@ -246,7 +246,9 @@ def failure(future) -> BaseException | None:
     a ``CancelledError`` that ends the whole run, and so that a job lost with the
     scheduler is submitted again rather than reported as cancelled.
     """
-    if future.status == "finished":
+    if future.status in ("finished", "lost", "pending"):
+        # lost: its result was on a worker that died after it finished; Dask computes it
+        # again, and result() waits for that
         return None
     if future.status == "error":
         return future.exception()

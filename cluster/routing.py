@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -384,6 +385,8 @@ class WorkerView:
         self._workers: dict[str, dict] = {}
         self._seq = -1
         self._early: list[dict] = []  # events that came before the snapshot
+        #: workers that left, with when (monotonic): a crashed worker's nanny brings it back
+        self._left: dict[str, tuple[dict, float]] = {}
         client.subscribe_topic(WORKERS_TOPIC, self._on_event)
         self.refresh()
 
@@ -391,6 +394,10 @@ class WorkerView:
         """Take a snapshot from the scheduler (one round trip)."""
         snap = self.client.run_on_scheduler(worker_list)
         with self._lock:
+            now = time.monotonic()
+            for addr, entry in self._workers.items():
+                if addr not in snap["workers"]:
+                    self._left[addr] = (entry, now)
             self._workers, self._seq = snap["workers"], snap["seq"]
             early, self._early = self._early, []
             for msg in sorted(early, key=lambda m: m["seq"]):
@@ -413,10 +420,24 @@ class WorkerView:
             return
         self._seq = msg["seq"]
         if msg["op"] == "remove":
-            self._workers.pop(msg["address"], None)
+            entry = self._workers.pop(msg["address"], None)
+            if entry is not None:
+                self._left[msg["address"]] = (entry, time.monotonic())
         else:
             self._workers[msg["address"]] = {k: msg[k] for k in ("name", "resources", "status") if k in msg}
 
     def workers(self) -> dict[str, dict]:
         with self._lock:
             return dict(self._workers)
+
+    def recently_left(self, chain: list[str], within: float) -> str | None:
+        """The first tier of ``chain`` that a worker left less than ``within`` seconds ago
+        (its nanny, or `aicluster worker`, is likely bringing it back), or None."""
+        now = time.monotonic()
+        with self._lock:
+            self._left = {a: (e, t) for a, (e, t) in self._left.items() if now - t < max(within, 60)}
+            recent = [e for e, t in self._left.values() if now - t < within]
+        for tier in chain:
+            if any((e.get("resources") or {}).get(tier, 0) > 0 for e in recent):
+                return tier
+        return None

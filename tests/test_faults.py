@@ -202,6 +202,8 @@ def test_worker_view_follows_joins_leaves_and_checks_before_failing():
         finally:
             ai.client.sync(w.close)
         _wait(lambda: "VRAM6" not in ai.live_tiers(), 10, "the leave to reach the view")
+        # it left moments ago (a crash, say: its nanny restarts it): a call waits for it
+        assert ai.route("VRAM6").tier == "VRAM6"
         # a view that lost its events (a scheduler restart) is checked before an error
         ai._view._workers.clear()
         assert ai.route("VRAM12").tier == "VRAM12"

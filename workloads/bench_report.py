@@ -319,6 +319,8 @@ def _route_for(ai, job: dict, room: dict | None = None):
     jt, params, dtype = bench.validate_job(job)
     need = bench.job_memory(jt, params, dtype)
     live = ai.live_tiers()
+    if not any(w in room for t in route.chain for w in live.get(t, [])):
+        return route  # its tier's workers are restarting (or unknown here): nothing to measure against
     for tier in route.chain[route.chain.index(route.tier):]:
         fits = [w for w in live.get(tier, []) if room.get(w, ("", 1 << 62, ""))[1] >= need]
         if fits:

@@ -439,6 +439,7 @@ class PipelineRun:
 
         wait(list(self.futures.values()), timeout=timeout)
         # the first stage (in order) that failed is the cause; later ones failed because of it
+        # (a stage whose result was lost with a worker is computed again: gather waits for it)
         from cluster.jobs import failure
 
         for name, f in self.futures.items():
