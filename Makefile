@@ -34,8 +34,9 @@ $(LLAMA_STAMP): | $(PY)
 			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS).tmp \
 		&& mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
 	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
-	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 'llama-cpp-python has no ggml RPC')" \
-		|| { rm -rf $(LLAMA_WHEELS); exit 1; }
+	$(PY) -m pip install -q $(LLAMA_WHEELS)/*.whl  # its dependencies (numpy, jinja2, ...)
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else \
+		'the wheel in $(LLAMA_WHEELS) has no ggml RPC: delete that folder and run make again')"
 	rm -f $(VENV)/.llama-*
 	touch $(LLAMA_STAMP)
 

@@ -151,6 +151,9 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
                             offset_of[f.key] = i
                             ac.add(f)
                         for f in ac:
+                            if f.status in ("lost", "pending"):  # its result went with a worker: computed again
+                                ac.add(f)
+                                continue
                             i = offset_of.pop(f.key)
                             err = failure(f)
                             if isinstance(err, SchedulerLost):  # the scheduler restarted: this chunk again
@@ -293,6 +296,9 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                     for _ in range(in_flight):
                         submit_next()
                     for f in ac:
+                        if f.status in ("lost", "pending"):  # its result went with a worker: computed again
+                            ac.add(f)
+                            continue
                         job = by_key.pop(f.key)
                         err = failure(f)
                         if isinstance(err, SchedulerLost):  # the scheduler restarted: run it again

@@ -104,6 +104,13 @@ class GenerationStream:
                     if self.future is not None and self.future.done() and self._q.empty():
                         if self.future.status == "error":
                             self.future.result()  # raises the task's error
+                        if self.future.status == "cancelled":
+                            from .jobs import SchedulerLost, failure
+
+                            err = failure(self.future)
+                            if isinstance(err, SchedulerLost):  # never a silently shorter text
+                                raise SchedulerLost(f"the stream was cut: {err}; generate again") from None
+                            raise err
                         return
                     continue
                 if msg is None:
@@ -132,10 +139,26 @@ class AICluster:
         self._subscribed = False
         #: the workers as the scheduler's events report them: routing reads this, no round trip
         self._view = routing.WorkerView(client)
+        self._comm = client.scheduler_comm
+
+    def _check_reconnected(self) -> None:
+        """After the client reconnected to a (restarted) scheduler: subscribe to this facade's
+        event topics again (distributed does not) and take a new snapshot of the workers."""
+        comm = self.client.scheduler_comm
+        if comm is None or comm is self._comm:
+            return
+        first = self._comm is None
+        self._comm = comm
+        if first:
+            return
+        if self._subscribed:
+            self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
+        self._view.resubscribe()
 
     def _open_stream(self, stream_id: str, sink: Callable[[str | None], None]) -> None:
         """Send the text pieces of stream ``stream_id`` to ``sink`` (None ends the stream);
         ``sink`` is called on the client's event loop thread and must not block."""
+        self._check_reconnected()
         if not self._subscribed:
             self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
             self._subscribed = True
@@ -164,6 +187,7 @@ class AICluster:
 
     def live_tiers(self) -> dict[str, list[str]]:
         """``{tier: [worker addresses]}`` of the workers connected now."""
+        self._check_reconnected()
         return routing.live_tiers(self._view.workers(), self.config.tiers)
 
     def _resolve(self, chain: list[str], what: str) -> routing.Route:

@@ -83,6 +83,7 @@ class JobBoard(SchedulerPlugin):
         os.makedirs(os.path.dirname(os.path.abspath(self.db_path)), exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # no fsync per flush on the scheduler's event loop
         db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(c + (' PRIMARY KEY' if c == 'key' else '') for c in _COLUMNS)})")
         # what was pending or running when the scheduler stopped will not finish: say so
         db.execute("UPDATE jobs SET state = 'lost', finished = ? WHERE state IN ('pending', 'running')", (time.time(),))
@@ -107,6 +108,7 @@ class JobBoard(SchedulerPlugin):
                                      f"({', '.join('?' * len(_COLUMNS))})", rows)
             self._prune()
         except sqlite3.Error as e:  # a full disk must not stop the scheduler; the board stays in memory
+            self._dirty |= keys  # written at a later flush
             logger.warning("job board: cannot write %s: %s", self.db_path, e)
 
     def _prune(self) -> None:
@@ -145,10 +147,14 @@ class JobBoard(SchedulerPlugin):
                     old, _ = self.jobs.popitem(last=False)
                     self._parts.pop(old, None)
         elif str(key) in self._group_of:
-            self._parts[row_key].setdefault(str(key), "pending")
+            self._parts.setdefault(row_key, {}).setdefault(str(key), "pending")
         self._dirty.add(row_key)
         if row_key != str(key):
+            if finish == "forgotten":
+                self._group_of.pop(str(key), None)  # the chunk is gone from the scheduler
             return self._part(row_key, job, str(key), finish, ts, kwargs)
+        if job.get("parts") is not None and finish not in ("erred", "forgotten"):
+            return  # the task that joins a grouped call's chunks: its row follows the chunks
         now = time.time()
         if finish == "processing" and ts is not None and ts.processing_on is not None:
             ws = ts.processing_on
@@ -187,12 +193,12 @@ class JobBoard(SchedulerPlugin):
         elif finish in ("released", "waiting", "queued", "no-worker") and parts.get(key) not in ("done", "failed"):
             parts[key] = "pending"
         states = list(parts.values())
-        job["parts_done"] = states.count("done")
+        job["parts_done"] = max(job["parts_done"] or 0, states.count("done"))
         total = job["parts"] or len(states)
         if "failed" in states:
             job.update(state="failed", finished=job["finished"] or now)
         elif job["parts_done"] >= total:
-            job.update(state="done", finished=now)
+            job.update(state="done", finished=job["finished"] or now)
         elif "cancelled" in states and "running" not in states:
             job.update(state="cancelled", finished=now)
         elif "running" in states:
@@ -248,7 +254,7 @@ def failure(future) -> BaseException | None:
     """
     if future.status in ("finished", "lost", "pending"):
         # lost: its result was on a worker that died after it finished; Dask computes it
-        # again, and result() waits for that
+        # again (a loop over as_completed adds such a future back and waits for it)
         return None
     if future.status == "error":
         return future.exception()

@@ -161,8 +161,8 @@ class TierGuard(SchedulerPlugin):
         self.scheduler = None
         self.rerouted = 0
         self.failed = 0
-        #: keys with a final look scheduled (one timer per waiting task)
-        self._waiting: set = set()
+        #: key -> the token of its scheduled final look (one timer per wait)
+        self._waiting: dict = {}
         #: set by ``AICluster.close`` of an embedded cluster: its workers are leaving on
         #: purpose, so their tasks are neither re-routed nor waited for
         self.closing = False
@@ -197,6 +197,8 @@ class TierGuard(SchedulerPlugin):
                 scheduler.loop.add_callback(self._handle, ts.key)
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if start == "no-worker" and finish != "no-worker":
+            self._waiting.pop(key, None)  # its wait is over
         if finish != "no-worker" or self.scheduler is None or self.closing:
             return
         ts = self.scheduler.tasks.get(key)
@@ -230,13 +232,14 @@ class TierGuard(SchedulerPlugin):
                 ts.resource_restrictions = {tier: amount}
                 ts.worker_restrictions = None
                 if final or self.grace <= 0:
+                    later = chain[chain.index(tier) + 1:]
+                    if any(live.get(t) for t in later):
+                        continue  # a fallback tier has a running worker: it goes there
                     ws_paused = [(str(ws.name), ws.memory.process, ws.memory_limit) for ws in s.workers.values()
                                  if ws.status.name == "paused" and any(ws.resources.get(t, 0) > 0 for t in chain)]
                     return self._fail(key, WorkersPaused(what, ws_paused, self.grace), stimulus_id)
                 logger.info("%s waits for a paused worker of tier %s (up to %.0f s)", key, tier, self.grace)
-                if key not in self._waiting:
-                    self._waiting.add(key)
-                    s.loop.call_later(self.grace, self._final, key)
+                self._start_timer(key)
                 return
             if live.get(tier):
                 logger.warning("re-routing %s from %s to tier %s: no live worker has its tier", key, dict(ts.resource_restrictions or {}), tier)
@@ -250,15 +253,24 @@ class TierGuard(SchedulerPlugin):
             # (aicluster worker): look again after the grace period, or as soon as a worker
             # joins (add_worker)
             logger.warning("%s: no live worker for tiers %s; waiting up to %.0f s for one to join", key, chain, self.grace)
-            if key not in self._waiting:
-                self._waiting.add(key)
-                s.loop.call_later(self.grace, self._final, key)
+            self._start_timer(key)
             return
         all_live = sorted({r for ws in s.workers.values() for r in ws.resources})
         self._fail(key, NoWorkerForTier(chain, all_live, what), stimulus_id)
 
-    def _final(self, key) -> None:
-        self._waiting.discard(key)
+    def _start_timer(self, key) -> None:
+        """One final look per wait, ``grace`` after the task fell into no-worker; a task that
+        leaves no-worker drops its timer (``transition``), so a later wait gets a full grace."""
+        if key in self._waiting:
+            return
+        token = object()
+        self._waiting[key] = token
+        self.scheduler.loop.call_later(self.grace, self._final, key, token)
+
+    def _final(self, key, token=None) -> None:
+        if self._waiting.get(key) is not token:
+            return  # that wait ended (the task ran, or waits again with its own timer)
+        del self._waiting[key]
         self._handle(key, final=True)
 
     def _fail(self, key, exc: BaseException, stimulus_id: str) -> None:
@@ -387,12 +399,30 @@ class WorkerView:
         self._early: list[dict] = []  # events that came before the snapshot
         #: workers that left, with when (monotonic): a crashed worker's nanny brings it back
         self._left: dict[str, tuple[dict, float]] = {}
+        self._refreshing = 0
+        self._stale = False
         client.subscribe_topic(WORKERS_TOPIC, self._on_event)
         self.refresh()
 
+    def resubscribe(self) -> None:
+        """After the client reconnected to a restarted scheduler (distributed does not send
+        its subscriptions again): subscribe, then a new snapshot."""
+        with self._lock:
+            self._seq = -1
+        self.client.subscribe_topic(WORKERS_TOPIC, self._on_event)
+        self.refresh()
+
     def refresh(self) -> None:
-        """Take a snapshot from the scheduler (one round trip)."""
-        snap = self.client.run_on_scheduler(worker_list)
+        """Take a snapshot from the scheduler (one round trip). Events that arrive meanwhile
+        are kept and applied after it when they are newer."""
+        with self._lock:
+            self._refreshing += 1
+            self._stale = False
+        try:
+            snap = self.client.run_on_scheduler(worker_list)
+        finally:
+            with self._lock:
+                self._refreshing -= 1
         with self._lock:
             now = time.monotonic()
             for addr, entry in self._workers.items():
@@ -406,17 +436,17 @@ class WorkerView:
     def _on_event(self, event) -> None:
         msg = event[1]
         with self._lock:
-            if self._seq < 0:
+            if self._seq < 0 or self._refreshing:
                 self._early.append(msg)
-            elif msg["seq"] < self._seq:
-                # numbered from 1 again: the scheduler restarted; take a new snapshot soon
-                self._seq = msg["seq"] - 1
-                self._apply(msg)
-            else:
-                self._apply(msg)
+                return
+            if msg["seq"] != self._seq + 1:
+                # an event missed (or numbered from 1 again: a new scheduler): the next read
+                # takes a snapshot (not here: this runs on the client's event loop)
+                self._stale = True
+            self._apply(msg, force=msg["seq"] < self._seq)
 
-    def _apply(self, msg: dict) -> None:
-        if msg["seq"] <= self._seq:
+    def _apply(self, msg: dict, force: bool = False) -> None:
+        if msg["seq"] <= self._seq and not force:
             return
         self._seq = msg["seq"]
         if msg["op"] == "remove":
@@ -427,6 +457,8 @@ class WorkerView:
             self._workers[msg["address"]] = {k: msg[k] for k in ("name", "resources", "status") if k in msg}
 
     def workers(self) -> dict[str, dict]:
+        if self._stale:
+            self.refresh()
         with self._lock:
             return dict(self._workers)
 

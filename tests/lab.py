@@ -117,9 +117,21 @@ class Lab:
 
     # -- using -------------------------------------------------------------------------------
     def popen(self, pc: str, args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
-        """``args`` (``args[0]`` a command of this venv, e.g. "aicluster") run on ``pc``."""
+        """``args`` (``args[0]`` a command of this venv, e.g. "aicluster") run on ``pc``; a
+        thread reads its output (``wait_for``), so a chatty process never blocks on a full pipe."""
+        import queue
+        import threading
+
         cmd = ["ip", "netns", "exec", self.ns(pc), str(BIN / args[0]), *args[1:]]
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        p.lines = queue.Queue()
+
+        def pump() -> None:
+            for line in p.stdout:
+                p.lines.put(line)
+            p.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
         self.procs.append(p)
         return p
 
@@ -136,19 +148,18 @@ class Lab:
 
 
 def wait_for(p: subprocess.Popen, needle: str, timeout: float = 120, seen: list | None = None) -> str:
-    """Read ``p``'s output until a line holds ``needle`` (an AssertionError with the output on
-    timeout or exit)."""
-    import selectors
+    """Read ``p``'s output (from ``Lab.popen``) until a line holds ``needle`` (an
+    AssertionError with the output on timeout or exit)."""
+    import queue
 
     lines = seen if seen is not None else []
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not sel.select(timeout=0.5):
+        try:
+            line = p.lines.get(timeout=0.5)
+        except queue.Empty:
             continue
-        line = p.stdout.readline()
-        if not line:
+        if line is None:
             break
         lines.append(line)
         if needle in line:

@@ -138,6 +138,9 @@ def test_task_of_a_crashed_worker_runs_when_it_is_back_not_after_the_grace():
         os.kill(pid, signal.SIGKILL)
         out = f.result(timeout=150)  # a hang guard, far below the 300 s grace
         assert out["completion_tokens"] == 200
+        # it ran on the restarted worker (a new process), moved there by the TierGuard
+        assert next(iter(ai.client.run(os.getpid).values())) != pid
+        assert ai.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["aicluster-tier-guard"].rerouted) >= 1
 
 
 # -- the facade's worker list ----------------------------------------------------------------

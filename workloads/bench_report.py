@@ -420,6 +420,9 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     retried = False
 
     def finish(f) -> None:
+        if f.status in ("lost", "pending"):  # its result went with a worker: Dask computes it again
+            ac.add(f)
+            return
         i, jid, job, route = meta.pop(f.key)
         for w in route.workers:
             busy[w] -= 1
