@@ -2,10 +2,13 @@
 
 The embedded cluster (three worker processes with nannies). Three clients, each its own
 Dask client and facade, send generate / embed / pipeline / benchmark-job requests, one at
-a time, for ``--minutes``; every ``--kill-every`` seconds a random worker process is killed
-(SIGKILL; its nanny starts it again). Every request has an id; at the end the script
-prints how many were done, lost (failed or never answered: must be 0), duplicated (an id
-answered twice: must be 0), and each worker's memory at the start and the end. Ends with
+a time, for ``--minutes``; a fourth runs the batch commands (``aicluster generate`` and
+``aicluster submit``, 4 requests per run, one output file per run) as a user's script
+would. Every ``--kill-every`` seconds a random worker process is killed (SIGKILL; its nanny
+starts it again). Every request has an id; at the end the script prints how many were
+done, lost (failed, wrong, or never answered: must be 0), duplicated (an id with more than
+one answer line in the batch commands' output files, where a retry that went wrong would
+write twice: must be 0), and each worker's memory at the start and the end. Ends with
 ``RESULT soak lost=<n> target=0``.
 
     python bench/soak.py [--minutes 10] [--kill-every 60] [--seed 0]
@@ -94,7 +97,54 @@ def main() -> None:
                         with lock:
                             lost.append(f"{rid} ({kind}): {type(e).__name__}: {e}{at}")
 
+        batch_lines: collections.Counter = collections.Counter()
+
+        def batch_loop() -> None:
+            """The batch commands, each run a separate process and client, as from a script."""
+            import json
+            import subprocess
+            import sys
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="aicluster-soak-")
+            exe = os.path.join(os.path.dirname(sys.executable), "aicluster")
+            run = 0
+            while time.monotonic() < deadline - 30:
+                run += 1
+                ids = [f"b{run}-{k}" for k in range(4)]
+                out = os.path.join(folder, f"out{run}.jsonl")
+                if run % 2:
+                    src = os.path.join(folder, f"prompts{run}.jsonl")
+                    with open(src, "w") as fh:
+                        fh.writelines(json.dumps({"id": i, "prompt": f"Request {i}: one word on GPUs"}) + "\n"
+                                      for i in ids)
+                    cmd, kind, field = [exe, "generate", "--prompts", src, "-o", out, "--max-tokens", "16"], "cli-generate", "id"
+                else:
+                    src = os.path.join(folder, f"jobs{run}.json")
+                    with open(src, "w") as fh:
+                        json.dump([{"job_type": "matrix_multiply", "size": 128, "iterations": 2, "job_id": i}
+                                   for i in ids], fh)
+                    cmd, kind, field = [exe, "submit", src, "-o", out], "cli-submit", "job_id"
+                r = subprocess.run([*cmd, "--address", ai.scheduler_address], capture_output=True, text=True,
+                                   timeout=600)
+                lines = []
+                if os.path.exists(out):
+                    with open(out) as fh:
+                        lines = [json.loads(line) for line in fh if line.strip()]
+                with lock:
+                    for rec in lines:
+                        if rec.get(field) in ids:
+                            batch_lines[rec[field]] += 1
+                    for i in ids:
+                        ok = any(rec.get(field) == i and rec.get("status", "completed") == "completed" for rec in lines)
+                        if ok:
+                            kinds[kind] += 1
+                            answers[i] += 1
+                        else:
+                            lost.append(f"{i} ({kind}): no answer (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+
         threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(3)]
+        threads.append(threading.Thread(target=batch_loop))
         for t in threads:
             t.start()
         kills = 0
@@ -117,8 +167,8 @@ def main() -> None:
         end_mem = memory()
 
     done = sum(answers.values())
-    dup = sum(1 for n in answers.values() if n > 1)
-    print(f"\n{a.minutes:g} minutes, 3 clients, {kills} workers killed")
+    dup = sum(1 for n in batch_lines.values() if n > 1)
+    print(f"\n{a.minutes:g} minutes, 3 clients and the batch commands, {kills} workers killed")
     print(f"requests done: {done} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
     print(f"lost: {len(lost)}")
     for line in lost[:20]:

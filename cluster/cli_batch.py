@@ -10,7 +10,7 @@ import click
 from .cli_common import ADDRESS_HELP, CONFIG_HELP, checked_address, connect_ai as _connect, load_cfg, scheduler_client
 from .files import (InputFileError, OutputError, ResultLog, atomic_write, check_writable, content_keys, open_locked,
                     read_lines)
-from .jobs import SchedulerLost, failure, wait_for_scheduler
+from .jobs import failure
 
 
 
@@ -145,25 +145,27 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
                                                      kind="embed", priority=priority)
 
                         offset_of = {}
-                        ac = as_completed([])
+                        ac = as_completed([], loop=ai.client.loop)
                         for i in todo:
                             f = submit(i)
                             offset_of[f.key] = i
                             ac.add(f)
-                        for f in ac:
-                            if f.status in ("lost", "pending"):  # its result went with a worker: computed again
-                                ac.add(f)
-                                continue
-                            i = offset_of.pop(f.key)
-                            err = failure(f)
-                            if isinstance(err, SchedulerLost):  # the scheduler restarted: this chunk again
-                                tqdm.write(f"chunk at text {i}: lost with the scheduler; retried", file=sys.stderr)
-                                wait_for_scheduler(ai.client)
-                                f = submit(i)
-                                offset_of[f.key] = i
-                                ac.add(f)
-                                continue
-                            keep(f.result())
+                        # a chunk lost with a restarting scheduler is submitted again by the facade
+                        stop = ai.on_resubmit(lambda items: [tqdm.write(
+                            f"chunk at text {offset_of.get(r.key, '?')}: lost with the scheduler; retried",
+                            file=sys.stderr) for r in items])
+                        try:
+                            for f in ac:
+                                if f.status in ("lost", "pending"):  # its result went with a worker: computed again
+                                    ac.add(f)
+                                    continue
+                                offset_of.pop(f.key)
+                                err = failure(f)
+                                if err is not None:
+                                    raise err
+                                keep(f.result())
+                        finally:
+                            stop()
                 except Exception as e:
                     _fail(e)
         arr = np.concatenate([done[i] for i in sorted(done)])
@@ -280,7 +282,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                 else:
                     pending = iter(todo)
                     by_key = {}
-                    ac = as_completed([])
+                    ac = as_completed([], loop=ai.client.loop)
 
                     def submit(job) -> None:
                         f = ai.generate(job["prompt"], model=model, max_tokens=job["max_tokens"],
@@ -288,31 +290,37 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                         by_key[f.key] = job
                         ac.add(f)
 
+                    def resubmitted(items) -> None:  # lost with a restarting scheduler: the facade redid them
+                        nonlocal retried
+                        for r in items:
+                            job = by_key.get(r.key)
+                            if job is not None:
+                                retried += 1
+                                tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): lost with the scheduler; "
+                                           "retried", file=sys.stderr)
+
                     def submit_next():
                         job = next(pending, None)
                         if job is not None:
                             submit(job)
 
-                    for _ in range(in_flight):
-                        submit_next()
-                    for f in ac:
-                        if f.status in ("lost", "pending"):  # its result went with a worker: computed again
-                            ac.add(f)
-                            continue
-                        job = by_key.pop(f.key)
-                        err = failure(f)
-                        if isinstance(err, SchedulerLost):  # the scheduler restarted: run it again
-                            retried += 1
-                            tqdm.write(f"{prompts_file}:{job['line']} (id {job['id']}): lost with the scheduler; "
-                                       "retried", file=sys.stderr)
-                            wait_for_scheduler(ai.client)
-                            submit(job)
-                            continue
-                        if err is not None:
-                            failed_one(job, err)
-                        else:
-                            record(job, f.result())
-                        submit_next()
+                    stop = ai.on_resubmit(resubmitted)
+                    try:
+                        for _ in range(in_flight):
+                            submit_next()
+                        for f in ac:
+                            if f.status in ("lost", "pending"):  # its result went with a worker: computed again
+                                ac.add(f)
+                                continue
+                            job = by_key.pop(f.key)
+                            err = failure(f)
+                            if err is not None:
+                                failed_one(job, err)
+                            else:
+                                record(job, f.result())
+                            submit_next()
+                    finally:
+                        stop()
             except Exception as e:
                 _fail(e)
     click.echo(f"wrote {len(todo) - failed} answers to {output}"

@@ -19,9 +19,10 @@ from dask.utils import funcname
 from distributed import Client, Future
 
 from . import routing
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .jobs import JobBoard, format_jobs, job_rows
 from .plugin import PLUGIN_NAME, ModelHost
+from .redo import Redo, Resubmitted
 from .status import format_table, worker_rows
 
 __all__ = ["AICluster", "connect", "ClusterStatus", "GenerationStream", "JobList"]
@@ -117,7 +118,7 @@ class GenerationStream:
                     return
                 yield msg
         finally:
-            self.ai._streams.pop(self.stream_id, None)
+            self.ai._close_stream(self.stream_id)
 
     def result(self, timeout=None) -> dict:
         return self.future.result(timeout=timeout)
@@ -140,6 +141,10 @@ class AICluster:
         #: the workers as the scheduler's events report them: routing reads this, no round trip
         self._view = routing.WorkerView(client)
         self._comm = client.scheduler_comm
+        #: stream ids that have sent text (such a stream is not repeated after a restart)
+        self._started: set[str] = set()
+        #: facade tasks lost with a restarting scheduler are submitted again (cluster/redo.py)
+        self._redo = Redo(client, on_reconnected=self._check_reconnected)
 
     def _check_reconnected(self) -> None:
         """After the client reconnected to a (restarted) scheduler: subscribe to this facade's
@@ -168,7 +173,13 @@ class AICluster:
         stream_id, piece = event[1]
         sink = self._streams.get(stream_id)
         if sink is not None:
+            if piece is not None:
+                self._started.add(stream_id)
             sink(piece)
+
+    def _close_stream(self, stream_id: str) -> None:
+        self._streams.pop(stream_id, None)
+        self._started.discard(stream_id)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -219,20 +230,39 @@ class AICluster:
         return self._resolve(self.config.fallback_chain(tier), what)
 
     def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", priority: int = 0,
-                       group: str | None = None, parts: int | None = None, **kwargs) -> Future:
+                       group: str | None = None, parts: int | None = None, redo: bool = True,
+                       may_redo: Callable[[], bool] | None = None, **kwargs) -> Future:
         """``fn(*args)`` along ``route``; ``group``/``parts``: this task is one of ``parts``
-        chunks of one call, shown as one row on the job board."""
+        chunks of one call, shown as one row on the job board. ``redo``: submitted again
+        under the same key if the scheduler restarts before the result is fetched
+        (cluster/redo.py), unless ``may_redo()`` says no by then."""
         ann = route.annotation(what, kind, priority)
         if group is not None:
             ann[routing.ANNOTATION].update(group=group, parts=parts)
         with dask.annotate(**ann):
-            return self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
+            f = self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
+        if redo:
+            again = {**kwargs, "kind": kind, "priority": priority, "group": group, "parts": parts, "redo": False,
+                     "key": f.key}
+            self._redo.track(f, lambda: self._submit_routed(route, what, fn, *args, **again), what, may_redo)
+        return f
 
-    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, **kwargs) -> Future:
+    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, redo: bool = True,
+                         **kwargs) -> Future:
         # on the job board too (an empty chain: no tier, nothing for the TierGuard to do)
         info = {"chain": [], "what": what, "kind": kind, **({"priority": priority} if priority else {})}
         with dask.annotate(**{routing.ANNOTATION: info}):
-            return self.client.submit(fn, *args, priority=priority, **kwargs)
+            f = self.client.submit(fn, *args, priority=priority, **kwargs)
+        if redo:
+            again = {**kwargs, "kind": kind, "priority": priority, "redo": False, "key": f.key}
+            self._redo.track(f, lambda: self._submit_anywhere(what, fn, *args, **again), what)
+        return f
+
+    def on_resubmit(self, callback: Callable[[list[Resubmitted]], None]) -> Callable[[], None]:
+        """Call ``callback(items)`` each time jobs lost with a restarted scheduler have been
+        submitted again (items: ``Resubmitted(key, what, times)``); returns a function that
+        stops it. Without a callback the facade logs a warning that says how many."""
+        return self._redo.listen(callback)
 
     # -- generic work ------------------------------------------------------------------------
     def submit(self, fn: Callable, *args, tier: str | None = None, key: str | None = None,
@@ -240,9 +270,11 @@ class AICluster:
         """``Client.submit`` routed to a tier (with fallback); ``tier=None`` runs anywhere.
 
         ``key``, ``pure``, ``retries`` and ``priority`` are Dask's; other keyword arguments
-        go to ``fn``.
+        go to ``fn``. With ``retries``, the task is also submitted again if the scheduler
+        restarts before its result is fetched; without, it may have side effects, so a
+        restart cancels it (``SchedulerLost``), as Dask does.
         """
-        opts = dict(key=key, pure=pure, retries=retries, priority=priority)
+        opts = dict(key=key, pure=pure, retries=retries, priority=priority, redo=bool(retries))
         what = f"{funcname(fn)}"
         if tier is None:
             return self._submit_anywhere(what, fn, *args, **opts, **kwargs)
@@ -250,14 +282,26 @@ class AICluster:
 
     def map(self, fn: Callable, *iterables: Iterable, tier: str | None = None, pure: bool = False,
             retries: int | None = None, **kwargs) -> list[Future]:
-        """``Client.map`` routed to a tier (with fallback)."""
+        """``Client.map`` routed to a tier (with fallback); with ``retries``, each task is also
+        submitted again after a scheduler restart (see ``submit``)."""
         what = f"{funcname(fn)}"
-        if tier is None:
-            with dask.annotate(**{routing.ANNOTATION: {"chain": [], "what": what, "kind": "task"}}):
-                return self.client.map(fn, *iterables, pure=pure, retries=retries, **kwargs)
-        route = self.route(tier, what)
-        with dask.annotate(**route.annotation(what)):
-            return self.client.map(fn, *iterables, pure=pure, retries=retries, **route.submit_kwargs(), **kwargs)
+        route = self.route(tier, what) if tier is not None else None
+        ann = route.annotation(what) if route else {routing.ANNOTATION: {"chain": [], "what": what, "kind": "task"}}
+        where = route.submit_kwargs() if route else {}
+        if retries:
+            iterables = tuple(list(it) for it in iterables)
+        with dask.annotate(**ann):
+            futures = self.client.map(fn, *iterables, pure=pure, retries=retries, **where, **kwargs)
+        if retries:
+            for f, args in zip(futures, zip(*iterables)):
+                if route is None:
+                    again = lambda f=f, args=args: self._submit_anywhere(what, fn, *args, key=f.key, pure=pure,
+                                                                        retries=retries, redo=False, **kwargs)
+                else:
+                    again = lambda f=f, args=args: self._submit_routed(route, what, fn, *args, key=f.key, pure=pure,
+                                                                      retries=retries, redo=False, **kwargs)
+                self._redo.track(f, again, what)
+        return futures
 
     # -- models ------------------------------------------------------------------------------
     def _model_route(self, model: str, kinds: tuple[str, ...], verb: str, tier: str | None = None) -> tuple[Any, routing.Route]:
@@ -335,11 +379,14 @@ class AICluster:
         if stream:
             s = GenerationStream(self, uuid.uuid4().hex)
             stream_id = s.stream_id
+        may_redo = None
         if stream_id is not None:
             extra.update(topic=STREAM_TOPIC, stream_id=stream_id)
+            # after a scheduler restart, a stream is generated again only if it sent no text yet
+            may_redo = lambda: stream_id not in self._started  # noqa: E731
         f = self._submit_routed(route, f"{kind} with {model}", _task("generate"), prompt, model, spec, params,
                                 index=index, kind=kind, key=f"{kind}-{model}-{uuid.uuid4().hex[:12]}",
-                                priority=priority, task_priority=priority, **extra)
+                                priority=priority, task_priority=priority, may_redo=may_redo, **extra)
         if s is None:
             return f
         s.future = f
@@ -420,14 +467,21 @@ class AICluster:
         what = f"embed with {model}"
         token = uuid.uuid4().hex[:12]
         starts = range(0, len(items), chunk_size)
-        parts = [  # one row on the job board, its chunks under it
-            self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
-                                kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority,
-                                group=f"embed-{model}-{token}", parts=len(starts))
-            for i in starts
-        ]
-        return self.client.submit(_task("concat"), parts, single=single, details=details, key=f"embed-{model}-{token}",
-                                  priority=priority)
+
+        def submit() -> Future:
+            parts = [  # one row on the job board, its chunks under it
+                self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
+                                    kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority,
+                                    group=f"embed-{model}-{token}", parts=len(starts), redo=False)
+                for i in starts
+            ]
+            return self.client.submit(_task("concat"), parts, single=single, details=details,
+                                      key=f"embed-{model}-{token}", priority=priority)
+
+        f = submit()
+        # the chunks are let go once the joining task holds them: a restart redoes the whole call
+        self._redo.track(f, submit, what)
+        return f
 
     def embed_now(self, texts: str | Sequence[str], **kwargs):
         """Blocking ``embed``: a numpy array (or the details dict)."""
@@ -535,6 +589,7 @@ class AICluster:
         futures = [j if isinstance(j, Future) else Future(j, self.client) for j in items]
         # Dask first: the scheduler forgets the task, so a generation that stops early is not
         # recorded as done; then the flag that ends the running loop within a token or two
+        self._redo.cancel(keys)  # not submitted again after a scheduler restart either
         self.client.cancel(futures, force=True)
         self.client.run(_cancel_on_worker, keys)
 
@@ -545,6 +600,7 @@ class AICluster:
 
     def close(self) -> None:
         """Disconnect; an embedded cluster is shut down (workers first, then the scheduler)."""
+        self._redo.close()
         if self.cluster is not None and self.client.status == "running":
             # The embedded cluster goes away on purpose: the TierGuard stops re-routing, and
             # every task is released, so that no worker leaves with results the scheduler

@@ -12,13 +12,14 @@ workers: Dask cannot interrupt a running task, so generation loops poll the flag
 (``ModelHost.is_cancelled``) and stop within a token or two.
 
 The board is kept in SQLite on the scheduler (``scheduler.jobs_db``), so it survives a
-restart: rows that were pending or running when the scheduler went away read ``lost``.
+restart: rows that were pending or running when the scheduler went away read ``lost``,
+until their client submits them again under the same key (the facade does so by itself,
+cluster/redo.py): the row then goes on as usual, counting it in ``resubmitted``.
 It keeps the last ``max_jobs`` rows, none older than ``max_age`` seconds. The chunks of one
 ``embed`` call are one row (``parts``: how many, ``parts_done``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -31,7 +32,7 @@ from .routing import ANNOTATION
 from .status import text_table
 
 __all__ = ["JobBoard", "job_rows", "format_jobs", "STATES", "JobCancelled", "SchedulerLost", "failure",
-           "wait_for_scheduler", "default_jobs_db"]
+           "wait_for_scheduler", "wait_all", "default_jobs_db"]
 
 logger = logging.getLogger("cluster.jobs")
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("cluster.jobs")
 STATES = ("pending", "running", "done", "failed", "cancelled", "lost")
 
 _COLUMNS = ("key", "what", "kind", "tier", "priority", "state", "worker", "address", "submitted", "started",
-            "finished", "error", "parts", "parts_done")
+            "finished", "error", "parts", "parts_done", "resubmitted")
 
 
 class JobBoard(SchedulerPlugin):
@@ -85,6 +86,10 @@ class JobBoard(SchedulerPlugin):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # no fsync per flush on the scheduler's event loop
         db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(c + (' PRIMARY KEY' if c == 'key' else '') for c in _COLUMNS)})")
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        for c in _COLUMNS:  # a board written by an older version
+            if c not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {c}")
         # what was pending or running when the scheduler stopped will not finish: say so
         db.execute("UPDATE jobs SET state = 'lost', finished = ? WHERE state IN ('pending', 'running')", (time.time(),))
         self._db = db
@@ -141,13 +146,18 @@ class JobBoard(SchedulerPlugin):
                     "tier": chain[0] if chain else None, "priority": info.get("priority", 0), "state": "pending",
                     "worker": None, "address": None,
                     "submitted": time.time(), "started": None, "finished": None, "error": None,
-                    "parts": info.get("parts"), "parts_done": 0 if group is not None else None,
+                    "parts": info.get("parts"), "parts_done": 0 if group is not None else None, "resubmitted": 0,
                 }
                 while len(self.jobs) > self.max_jobs:
                     old, _ = self.jobs.popitem(last=False)
                     self._parts.pop(old, None)
         elif str(key) in self._group_of:
             self._parts.setdefault(row_key, {}).setdefault(str(key), "pending")
+        if job["state"] == "lost" and finish not in ("released", "forgotten", "erred", "memory"):
+            # lost with the scheduler, and its client submitted it again under the same key
+            job.update(state="pending", worker=None, address=None, started=None, finished=None, error=None,
+                       resubmitted=(job.get("resubmitted") or 0) + 1,
+                       parts_done=0 if job.get("parts") is not None else None)
         self._dirty.add(row_key)
         if row_key != str(key):
             if finish == "forgotten":
@@ -226,6 +236,8 @@ def format_jobs(rows: list[dict]) -> str:
         if r["started"]:
             secs = f"{(r['finished'] or time.time()) - r['started']:.2f}"
         state = r["state"] + (f" ({r['parts_done']}/{r['parts']} parts)" if r.get("parts") else "")
+        if r.get("resubmitted"):
+            state += " (resubmitted)" if r["resubmitted"] == 1 else f" (resubmitted {r['resubmitted']}x)"
         body.append([r["key"][:40], r["what"][:40], r["tier"] or "-", str(r.get("priority", 0)), state,
                      r["worker"] or "-", secs])
     out = text_table(head, body)
@@ -240,8 +252,10 @@ class JobCancelled(RuntimeError):
 
 
 class SchedulerLost(ConnectionError):
-    """A job's future was lost with the scheduler (it restarted, or the link dropped): the
-    job can be submitted again once the client has reconnected (``wait_for_scheduler``)."""
+    """A job's future was lost with the scheduler (it restarted, or the link dropped) and
+    was not submitted again: the facade redoes its own work by itself (cluster/redo.py),
+    except a stream that had sent text, a ``submit`` without ``retries``, and everything
+    when the scheduler does not come back."""
 
 
 def failure(future) -> BaseException | None:
@@ -250,7 +264,8 @@ def failure(future) -> BaseException | None:
 
     Loops over ``as_completed`` use this so that one cancelled job is one failed item, not
     a ``CancelledError`` that ends the whole run, and so that a job lost with the
-    scheduler is submitted again rather than reported as cancelled.
+    scheduler (one the facade could not redo, cluster/redo.py) is reported as such rather
+    than as cancelled.
     """
     if future.status in ("finished", "lost", "pending"):
         # lost: its result was on a worker that died after it finished; Dask computes it
@@ -264,6 +279,17 @@ def failure(future) -> BaseException | None:
     if reason == "scheduler-connection-lost":
         return SchedulerLost(f"job {future.key} was lost with the scheduler")
     return JobCancelled(f"job {future.key} was {future.status}")
+
+
+def wait_all(client, futures, timeout: float | None = None) -> None:
+    """Until every future is done (finished, failed or cancelled), on ``client``'s own event
+    loop. (``distributed.wait`` and ``as_completed`` without ``loop=`` use the process's
+    default client, which in a process with several clients can be another one, on another
+    loop: "Event ... is bound to a different event loop".)"""
+    from distributed import as_completed
+
+    for _ in as_completed(list(futures), loop=client.loop, timeout=timeout):
+        pass
 
 
 def wait_for_scheduler(client, timeout: float = 120) -> None:

@@ -346,12 +346,20 @@ class WorkerEvents(SchedulerPlugin):
     name = "aicluster-worker-events"
     idempotent = True
 
+    #: how long a worker that left is remembered (for clients that connect meanwhile)
+    REMEMBER = 120.0
+
     def __init__(self) -> None:
         self.scheduler = None
         self.seq = 0
+        self._known: dict[str, dict] = {}
+        #: address -> (entry, time.time() it left): a client that connects while a crashed
+        #: worker's nanny restarts it learns that its tier is coming back (WorkerView)
+        self.left: dict[str, tuple[dict, float]] = {}
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
+        self._known = {a: _worker_entry(ws) for a, ws in scheduler.workers.items()}  # (joined before the plugin)
 
     def _emit(self, op: str, address: str) -> None:
         s = self.scheduler
@@ -359,8 +367,16 @@ class WorkerEvents(SchedulerPlugin):
             return
         self.seq += 1
         ws = s.workers.get(address)
-        s.log_event(WORKERS_TOPIC, {"seq": self.seq, "op": op, "address": address,
-                                    **(_worker_entry(ws) if ws is not None and op != "remove" else {})})
+        entry = _worker_entry(ws) if ws is not None and op != "remove" else {}
+        if op == "remove":
+            now = time.time()
+            if address in self._known:
+                self.left[address] = (self._known.pop(address), now)
+            self.left = {a: v for a, v in self.left.items() if now - v[1] < self.REMEMBER}
+        elif entry:
+            self._known[address] = entry
+            self.left.pop(address, None)
+        s.log_event(WORKERS_TOPIC, {"seq": self.seq, "op": op, "address": address, **entry})
 
     def add_worker(self, scheduler, worker) -> None:
         self._emit("add", worker)
@@ -378,10 +394,13 @@ def _worker_entry(ws) -> dict:
 
 
 def worker_list(dask_scheduler=None) -> dict:
-    """``{"seq": n, "workers": {address: {name, resources, status}}}`` (run on the scheduler)."""
+    """``{"seq": n, "workers": {address: {name, resources, status}}, "left": {address:
+    [entry, seconds ago]}}`` (run on the scheduler)."""
     plugin = dask_scheduler.plugins.get(WorkerEvents.name)
+    now = time.time()
+    left = {a: [e, now - t] for a, (e, t) in plugin.left.items() if now - t < plugin.REMEMBER} if plugin else {}
     return {"seq": plugin.seq if plugin is not None else 0,
-            "workers": {a: _worker_entry(ws) for a, ws in dask_scheduler.workers.items()}}
+            "workers": {a: _worker_entry(ws) for a, ws in dask_scheduler.workers.items()}, "left": left}
 
 
 class WorkerView:
@@ -428,6 +447,9 @@ class WorkerView:
             for addr, entry in self._workers.items():
                 if addr not in snap["workers"]:
                     self._left[addr] = (entry, now)
+            for addr, (entry, ago) in (snap.get("left") or {}).items():  # left before this client came
+                if addr not in snap["workers"] and addr not in self._left:
+                    self._left[addr] = (entry, now - ago)
             self._workers, self._seq = snap["workers"], snap["seq"]
             early, self._early = self._early, []
             for msg in sorted(early, key=lambda m: m["seq"]):

@@ -95,7 +95,7 @@ def check_address(address: str, tls: bool, config_name: str = "config.yaml", res
     that does not resolve is an error too (Dask would retry it until its timeout).
     """
     if not isinstance(address, str) or not address.strip():
-        raise AddressError(f"the scheduler address is empty; use tcp://HOST:8786 (tls://HOST:8786 with TLS)")
+        raise AddressError("the scheduler address is empty; use tcp://HOST:8786 (tls://HOST:8786 with TLS)")
     address = address.strip()
     scheme = "tls" if tls else "tcp"
     if address.startswith("inproc://"):

@@ -72,7 +72,7 @@ class APIError(Exception):
 
 def api_error(exc: BaseException) -> APIError:
     """The HTTP answer for an exception of the facade or a worker."""
-    from .jobs import JobCancelled
+    from .jobs import JobCancelled, SchedulerLost
     from .plugin import ModelDoesNotFit
 
     if isinstance(exc, APIError):
@@ -92,6 +92,10 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, msg, "invalid_request_error", "context_length_exceeded", "prompt")
     if name in ("InputError", "WrongModelKind", "NoChatTemplate", "TextTooLong") or isinstance(exc, (ValueError, TypeError)):
         return APIError(400, msg, "invalid_request_error")
+    if isinstance(exc, SchedulerLost) or getattr(exc, "reason", None) == "scheduler-connection-lost":
+        # (a request that had not streamed text yet is submitted again by the facade instead)
+        return APIError(503, "the cluster's scheduler restarted while this answer was being streamed, so it is cut "
+                             "short; send the request again", "service_unavailable", "scheduler_restarted")
     if isinstance(exc, (JobCancelled, asyncio.CancelledError)) or name in ("CancelledError", "FutureCancelledError"):
         return APIError(409, "the job was cancelled on the cluster (aicluster cancel, or its client went away)",
                         "cancelled", "cancelled")
@@ -340,7 +344,7 @@ class StreamRun:
         """Stop listening and cancel what is still running (the client went away, or an
         error). Synchronous and idempotent: it runs in ``finally`` blocks of cancelled tasks."""
         for sid in self.ids:
-            self.gw.ai._streams.pop(sid, None)
+            self.gw.ai._close_stream(sid)
         self.ids = []
         self.gw.cancel_soon(list(self.futures.values()))
 

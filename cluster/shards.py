@@ -621,7 +621,10 @@ class ShardServer:
             return 0
 
     def info(self) -> dict:
-        return {"endpoint": self.endpoint, "device": self.device, "alive": self.alive, "pid": self.proc.pid if self.proc else None,
+        restarting = (not self.alive and self._thread is not None and self._thread.is_alive()
+                      and not self._stop.is_set())  # died, and its supervisor starts it again
+        return {"endpoint": self.endpoint, "device": self.device, "alive": self.alive, "restarting": restarting,
+                "pid": self.proc.pid if self.proc else None,
                 "started": self.started, "restarts": self.restarts, "connected": self.connected(), "rss": self.rss(),
                 "cached": self.cached_bytes(), "last_error": self.last_error}
 
@@ -703,6 +706,15 @@ def layout_for(ai, spec, candidates: list[dict]) -> GGUFLayout:
     return GGUFLayout(**out[where])
 
 
+#: seconds a plan waits for shard servers that are being restarted
+RESTART_WAIT = 20.0
+
+
+def _restarting(states: dict) -> list[str]:
+    return [st["name"] for st in states.values()
+            if isinstance(st, dict) and (st.get("shard_server") or {}).get("restarting")]
+
+
 def plan_for(ai, model: str, workers: list[str] | None = None) -> ShardPlan:
     """``AICluster.plan_shards``: the plan for ``model`` on the workers connected now."""
     spec = ai.config.model(model)
@@ -712,9 +724,24 @@ def plan_for(ai, model: str, workers: list[str] | None = None) -> ShardPlan:
     # asked of the workers now, not read from heartbeats: a worker that just joined has not
     # reported its shard server yet, and a plan is made once per load
     states = ai.client.run(host_state, on_error="return")
+    deadline = time.monotonic() + RESTART_WAIT
+    while _restarting(states) and time.monotonic() < deadline:
+        # a server that died moments ago (its supervisor starts it again within seconds) is
+        # waited for, not planned without, nor reported as missing
+        time.sleep(0.5)
+        states = ai.client.run(host_state, on_error="return")
     candidates = candidates_of(states, ai.config.tier_names, model)
+    wanted = list(workers or spec.shard_workers)
+    down = [(st["name"], st["shard_server"]) for addr, st in states.items()
+            if isinstance(st, dict) and (st.get("shard_server") or {}).get("alive") is False
+            and (not wanted or st["name"] in wanted or addr in wanted)]
+    if down and (wanted or not candidates):
+        raise ShardPlanError(f"model {model!r}: the shard server of " + "; of ".join(
+            f"{name} ({ss['endpoint']}) is down: {ss.get('last_error') or 'no message'}"
+            + ("" if ss.get("restarting") else ", and its worker gave up restarting it: restart that worker")
+            for name, ss in down))
     layout = layout_for(ai, spec, candidates)
-    return plan(model, layout, candidates, list(workers or spec.shard_workers) or None)
+    return plan(model, layout, candidates, wanted or None)
 
 
 def current_plan(workers: dict, model: str) -> ShardPlan | None:

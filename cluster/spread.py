@@ -100,7 +100,7 @@ def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_
     queue = list(reversed(chunks))  # pop() takes the first chunks first
     results: dict[int, object] = {}
     owner: dict = {}  # key -> (offset, size, helper, future)
-    ac = as_completed([])
+    ac = as_completed([], loop=ai.client.loop)
 
     def feed(h: Helper) -> None:
         if cancelled():

@@ -207,6 +207,12 @@ def test_worker_view_follows_joins_leaves_and_checks_before_failing():
         _wait(lambda: "VRAM6" not in ai.live_tiers(), 10, "the leave to reach the view")
         # it left moments ago (a crash, say: its nanny restarts it): a call waits for it
         assert ai.route("VRAM6").tier == "VRAM6"
+        # so does one from a client that connects only now (the scheduler remembers who left)
+        late = connect(data, address=ai.scheduler_address)
+        try:
+            assert late.route("VRAM6").tier == "VRAM6"
+        finally:
+            late.client.close()
         # a view that lost its events (a scheduler restart) is checked before an error
         ai._view._workers.clear()
         assert ai.route("VRAM12").tier == "VRAM12"
@@ -276,15 +282,23 @@ def _processing(dask_scheduler=None) -> int:
 
 
 def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_tests):
-    """`aicluster generate` runs while the scheduler PC is killed and started again: the
-    answers in flight are submitted again (reported as retried, not cancelled), every answer
-    is written once, and the job board (SQLite on the scheduler) still has what ran before,
-    the generations cut off by the restart reading `lost`."""
+    """The scheduler PC is killed and started again while `aicluster generate` runs and
+    while this process holds facade futures. Everything that can be redone is submitted
+    again under the same key and completes: the CLI's answers (reported as retried, each
+    written once), generations, an embedding, a `submit` with `retries`, and a result that
+    had already finished (its data went with the old cluster). What cannot be redone says
+    so: a `submit` without `retries` (it may have side effects) and a stream that had sent
+    text. The job board (SQLite on the scheduler) keeps what ran before; the rows cut off
+    by the restart read `lost` until they are submitted again, then count it."""
     import json
+    from concurrent.futures import CancelledError
 
+    import numpy as np
     import yaml
     from distributed import Client
 
+    from cluster import connect
+    from cluster.jobs import SchedulerLost, failure
     from conftest import free_port
     from procs import proc, read_until, run
 
@@ -299,8 +313,9 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
     sched_args = ["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Story number {i} about a lighthouse:"}) + "\n"
-                               for i in range(4)))
+                               for i in range(3)))
     out = tmp_path / "answers.jsonl"
+    texts = [f"passage {i} about graphics cards" for i in range(120)]
     with proc(sched_args, env) as sched:
         read_until(sched, "scheduler at")
         with proc(["aicluster", "worker", addr, "--tier", "VRAM12", "--host", "127.0.0.1", "--name", "pc1"], env) as w:
@@ -308,27 +323,67 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
             r = run(["generate", "--prompts", str(prompts), "-o", str(tmp_path / "warm.jsonl"), "--address", addr,
                      "--max-tokens", "4"], env)
             assert r.returncode == 0, r.stderr
-            with proc(["aicluster", "generate", "--prompts", str(prompts), "-o", str(out), "--address", addr,
-                       "--max-tokens", "200"], env) as gen:
-                with Client(addr, timeout=30) as c:  # until the four generations run
-                    _wait(lambda: c.run_on_scheduler(_processing) >= 4, 120, "the generations to start")
-                time.sleep(1)
-                sched.kill()
-                sched.wait()
-                with proc(sched_args, env) as sched2:
-                    read_until(sched2, "scheduler at")
-                    log = read_until(gen, "wrote 4 answers", timeout=240)
-                    assert gen.wait(30) == 0, log
-                    assert "lost with the scheduler; retried" in log and "4 retried after the scheduler restarted" in log
-                    rows = [json.loads(line) for line in out.read_text().splitlines()]
-                    assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2", "p3"]
-                    assert all(r["completion_tokens"] == 200 or r["finish_reason"] == "stop" for r in rows)
-                    with Client(addr, timeout=30) as c:
-                        from cluster.jobs import job_rows
+            ai = connect(str(cfg), address=addr)
+            try:
+                reference = ai.embed(texts, chunk_size=40).result()
+                finished = ai.generate("The capital of France is", max_tokens=8)
+                assert finished.result()["completion_tokens"] > 0
+                plain = ai.submit(sum, [3, 4], tier="VRAM12")  # no retries: not redone
+                redoable = ai.submit(sum, [40, 2], tier="VRAM12", retries=1)
+                assert plain.result() == 7 and redoable.result() == 42
+                seen: list = []
+                ai.on_resubmit(seen.extend)
+                with proc(["aicluster", "generate", "--prompts", str(prompts), "-o", str(out), "--address", addr,
+                           "--max-tokens", "200"], env) as gen:
+                    stream = ai.generate("Once upon a time", max_tokens=400, stream=True)
+                    pieces = iter(stream)
+                    first = next(pieces)  # the stream has sent text: it is not repeated
+                    gens = ai.generate([f"Question {i}: why is the sky blue?" for i in range(2)], max_tokens=150)
+                    emb = ai.embed(texts, chunk_size=40)
+                    spread = ai.generate([f"Fact {i} about lighthouses:" for i in range(2)], max_tokens=120,
+                                         spread=True)  # prompts pulled by the workers (cluster/spread.py)
+                    with Client(addr, timeout=30) as c:  # until the generations run
+                        _wait(lambda: c.run_on_scheduler(_processing) >= 7, 120, "the generations to start")
+                    time.sleep(1.5)  # (the job board writes its rows every second)
+                    assert not spread.done() and not any(f.done() for f in gens)
+                    sched.kill()
+                    sched.wait()
+                    with proc(sched_args, env) as sched2:
+                        read_until(sched2, "scheduler at")
+                        log = read_until(gen, "wrote 3 answers", timeout=240)
+                        assert gen.wait(30) == 0, log
+                        assert log.count("lost with the scheduler; retried") == 3, log
+                        assert "3 retried after the scheduler restarted" in log
+                        rows = [json.loads(line) for line in out.read_text().splitlines()]
+                        assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2"]  # each once
+                        assert all(r["completion_tokens"] == 200 or r["finish_reason"] == "stop" for r in rows)
 
-                        board = c.run_on_scheduler(job_rows)
-                    states = [j["state"] for j in board]
-                    assert states.count("lost") == 4 and states.count("done") >= 8, states
+                        # facade futures held here: submitted again, and their answers reach them
+                        for r in ai.client.gather(gens):
+                            assert r["completion_tokens"] == 150 or r["finish_reason"] == "stop", r
+                        np.testing.assert_allclose(emb.result(timeout=120), reference, rtol=1e-4, atol=1e-5)
+                        for r in spread.result(timeout=120):
+                            assert r["completion_tokens"] == 120 or r["finish_reason"] == "stop", r
+                        assert redoable.result(timeout=60) == 42
+                        assert finished.result(timeout=60)["completion_tokens"] > 0
+                        with pytest.raises(CancelledError, match="lost the connection"):
+                            plain.result(timeout=60)
+                        assert isinstance(failure(plain), SchedulerLost)
+                        got = [first]
+                        with pytest.raises(SchedulerLost, match="the stream was cut"):
+                            for piece in pieces:
+                                got.append(piece)
+                        redone = {x.key for x in seen}
+                        assert {f.key for f in gens} | {emb.key, redoable.key, finished.key} <= redone, seen
+                        assert plain.key not in redone and stream.future.key not in redone
+                        board = {j["key"]: j for j in ai.jobs()}
+                        for f in gens:
+                            assert board[f.key]["state"] == "done" and board[f.key]["resubmitted"] == 1, board[f.key]
+                        assert board[emb.key]["parts"] == 3 and board[emb.key]["state"] == "done"
+                        assert board[stream.future.key]["state"] == "lost"  # cut, and not run again
+                        assert sum(j["state"] == "done" and not j["resubmitted"] for j in board.values()) >= 6
+            finally:
+                ai.close()
 
 
 def test_one_large_embed_is_one_job_with_its_chunks_under_it(tiers):
@@ -339,3 +394,36 @@ def test_one_large_embed_is_one_job_with_its_chunks_under_it(tiers):
     assert len(rows) == 1, tiers.jobs()
     assert rows[0]["state"] == "done" and rows[0]["parts"] == 3 and rows[0]["parts_done"] == 3
     assert "3/3 parts" in str(tiers.jobs())
+
+
+def test_a_scheduler_that_does_not_come_back_fails_the_held_futures_clearly(tmp_path, env_with_tests):
+    """Nothing hangs when the scheduler is gone for good: the client gives up reconnecting
+    after its timeout, and the futures that were waiting to be submitted again fail with
+    SchedulerLost naming the scheduler's address. (No worker: the task waits in the
+    scheduler's queue when it dies.)"""
+    import yaml
+
+    from cluster import connect
+    from cluster.jobs import SchedulerLost
+    from conftest import free_port
+    from procs import proc, read_until
+
+    cfg = tmp_path / "config.yaml"
+    data = base_config()
+    data["scheduler"]["jobs_db"] = str(tmp_path / "jobs.sqlite3")
+    cfg.write_text(yaml.safe_dump(data))
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
+    with proc(["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"],
+              env) as sched:
+        read_until(sched, "scheduler at")
+        ai = connect(str(cfg), address=addr, timeout=5)
+        try:
+            f = ai.submit(sum, [1, 2], retries=2)  # no worker yet: it waits on the scheduler
+            sched.kill()
+            sched.wait()
+            with pytest.raises(SchedulerLost, match=f"the scheduler at {addr} did not come back"):
+                f.result(timeout=120)
+        finally:
+            ai.close()

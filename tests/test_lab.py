@@ -60,6 +60,7 @@ def lab(tmp_path_factory):
         s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
                       lab.env["sched"])
         wait_for(s, "scheduler at")
+        lab.sched = s
         for pc, tier, extra in (("gpu1", "VRAM12", ["--shard-server"]), ("gpu2", "VRAM6", ["--shard-server"]),
                                 ("cpu", "CPU", [])):
             w = lab.popen(pc, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(pc), "--name", pc, *extra],
@@ -158,6 +159,72 @@ def test_cut_link_reroutes_then_the_worker_rejoins(lab, tmp_path):
     while True:  # plugged back in: it rejoins
         st = lab.run("client", ["aicluster", "status", lab.addr], lab.env["client"], timeout=60).stdout
         if "gpu1" in st:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(2)
+
+
+CLIENT_SCRIPT = """
+import json, sys
+import numpy as np
+from cluster import connect
+
+ai = connect(address=sys.argv[1])
+seen = []
+ai.on_resubmit(seen.extend)
+gens = ai.generate([f"Story {i}: the lighthouse keeper" for i in range(3)], max_tokens=250)
+emb = ai.embed([f"passage {i} about GPUs" for i in range(40)], chunk_size=16)
+total = ai.submit(sum, [40, 2], tier="CPU", retries=1)
+print("SUBMITTED", flush=True)
+res = ai.client.gather(gens)
+np.save(sys.argv[2], emb.result())
+print("RESULT " + json.dumps({"answers": [[r["completion_tokens"], r["finish_reason"], r["worker"]] for r in res],
+                              "total": total.result(), "keys": [f.key for f in gens] + [emb.key, total.key],
+                              "redone": sorted({x.key for x in seen})}), flush=True)
+ai.close()
+"""
+
+
+def test_scheduler_pc_restarted_loses_nothing(lab, references, tmp_path):
+    """The scheduler PC's process is killed while a client on another PC holds generations,
+    an embedding and a `submit` with retries, and started again: the workers rejoin, the
+    client reconnects, the facade submits again what was lost, and every answer arrives
+    whole (the embedding equal to one machine's); the job board on the scheduler PC kept
+    its history in SQLite."""
+    script = tmp_path / "hold.py"
+    script.write_text(CLIENT_SCRIPT)
+    vec = tmp_path / "v.npy"
+    before = {j["key"] for j in json.loads(client(lab, "jobs", lab.addr, "--json").stdout)}
+    holder = lab.popen("client", ["python", str(script), lab.addr, str(vec)], lab.env["client"])
+    wait_for(holder, "SUBMITTED", timeout=120)
+    deadline = time.monotonic() + 120
+    while True:  # until the generations run
+        r = lab.run("client", ["aicluster", "jobs", lab.addr, "--state", "running", "--json"], lab.env["client"])
+        if sum(j["kind"] == "generate" for j in json.loads(r.stdout or "[]")) >= 3:
+            break
+        assert time.monotonic() < deadline and holder.poll() is None, r.stdout + r.stderr
+        time.sleep(0.5)
+    time.sleep(1.5)  # (the job board writes its rows every second)
+    lab.sched.kill()
+    lab.sched.wait()
+    lab.sched = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
+                          lab.env["sched"])
+    wait_for(lab.sched, "scheduler at")
+    out = wait_for(holder, "RESULT ", timeout=300)
+    assert holder.wait(60) == 0, out
+    got = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert all(n == 250 or why == "stop" for n, why, _ in got["answers"]), got
+    assert got["total"] == 42
+    assert set(got["keys"][:3]) <= set(got["redone"]), got  # the generations were in flight: redone
+    np.testing.assert_allclose(np.load(vec), references["vectors"], rtol=1e-4, atol=1e-5)
+    board = {j["key"]: j for j in json.loads(client(lab, "jobs", lab.addr, "--json").stdout)}
+    assert before <= set(board)  # the history before the restart is still there
+    for key in got["keys"][:3]:
+        assert board[key]["state"] == "done" and board[key]["resubmitted"] == 1, board[key]
+    deadline = time.monotonic() + 90
+    while True:  # every worker PC is back
+        st = lab.run("client", ["aicluster", "status", lab.addr], lab.env["client"], timeout=60).stdout
+        if all(pc in st for pc in ("gpu1", "gpu2", "cpu")):
             break
         assert time.monotonic() < deadline, st
         time.sleep(2)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, base_config, free_port
+from conftest import base_config, free_port
 from procs import proc, run
 
 pytestmark = pytest.mark.slow
@@ -346,3 +346,18 @@ def test_no_key_means_loopback_only(tmp_path, env_module):
     cfg.write_text(yaml.safe_dump(base_config()))
     r = run(["serve", "--host", "0.0.0.0", "--config", str(cfg)], env_module, timeout=60)
     assert r.returncode != 0 and "set API keys first" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_stream_cut_by_a_scheduler_restart_answers_503_not_cancelled():
+    """A stream that had sent text when the scheduler restarted is not generated again (the
+    facade redoes only what sent nothing yet): the HTTP answer says the scheduler restarted,
+    not that someone cancelled the job."""
+    from distributed.client import FutureCancelledError
+
+    from cluster.jobs import SchedulerLost
+    from cluster.serve import api_error
+
+    cut = api_error(FutureCancelledError("generate-x", reason="scheduler-connection-lost"))
+    assert (cut.status, cut.code) == (503, "scheduler_restarted") and "send the request again" in cut.message
+    assert api_error(SchedulerLost("job generate-x was lost with the scheduler")).status == 503
+    assert api_error(FutureCancelledError("generate-x", reason="cancelled")).status == 409

@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 from cluster.files import atomic_write
-from cluster.jobs import SchedulerLost, failure, wait_for_scheduler
+from cluster.jobs import failure, wait_all
 from cluster.status import text_table
 
 from . import bench
@@ -93,7 +94,6 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
     One job at a time by default, so that workers sharing a machine (the embedded cluster)
     do not slow each other down; ``parallel=True`` runs all workers at once (separate PCs).
     """
-    from distributed import wait
     from tqdm.auto import tqdm
 
     if suite not in SUITES:
@@ -131,13 +131,13 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
         if parallel:
             futures = [(submit(*j), j) for j in jobs]
             for f, (t, name, _) in futures:
-                wait(f)
+                wait_all(ai.client, [f])
                 collect(f, t, name)
                 bar.update(1)
         else:
             for t, name, kwargs in jobs:
                 f = submit(t, name, kwargs)
-                wait(f)
+                wait_all(ai.client, [f])
                 collect(f, t, name)
                 bar.update(1)
     finally:
@@ -393,7 +393,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     pending = iter(todo)
     meta = {}
     busy: dict[str, int] = {}  # this run's jobs in flight per pinned worker
-    ac = as_completed([])
+    ac = as_completed([], loop=ai.client.loop)
 
     def submit(item, note: str = ""):
         i, jid, job, route = item
@@ -427,10 +427,6 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
         for w in route.workers:
             busy[w] -= 1
         e = failure(f)
-        if isinstance(e, SchedulerLost):  # the scheduler restarted: the same job again, not "cancelled"
-            wait_for_scheduler(ai.client)
-            submit((i, jid, job, route), " (again: the scheduler restarted)")
-            return
         if isinstance(e, KilledWorker) and not retried:
             killed.append((i, jid, job, route))
             submit_next()
@@ -450,27 +446,43 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
                    "worker_type": "GPU" if route.tier != ai.config.cpu_tier else "CPU", **f.result()}
         if retried:
             out["retried"] = True
+        if f.key in again:
+            out["resubmitted"] = again.pop(f.key)
         outcomes[i] = out
         if on_result:
             on_result(out)
         bar.update(1)
         submit_next()
 
-    for _ in range(in_flight):
-        submit_next()
-    with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
-        for f in ac:
-            finish(f)
-        retried = True
-        for item in killed:  # alone, one after another
-            i, jid, job, route = item
-            try:
-                route = _route_for(ai, job, worker_room(ai._workers()))
-            except Exception:
-                pass  # the old route stands
-            submit((i, jid, job, route), " (retried alone)")
+    # a job lost with a restarting scheduler is submitted again by the facade (the same job,
+    # not "cancelled"): say so, and count it in the job's outcome
+    again: dict[str, int] = {}
+
+    def resubmitted(items) -> None:
+        for r in items:
+            if r.key in meta:
+                again[r.key] = r.times
+                tqdm.write(f"job {meta[r.key][1]}: lost with the scheduler; submitted again", file=sys.stderr)
+
+    stop = ai.on_resubmit(resubmitted)
+    try:
+        for _ in range(in_flight):
+            submit_next()
+        with tqdm(total=len(todo), desc="jobs", unit="job", disable=not progress) as bar:
             for f in ac:
                 finish(f)
+            retried = True
+            for item in killed:  # alone, one after another
+                i, jid, job, route = item
+                try:
+                    route = _route_for(ai, job, worker_room(ai._workers()))
+                except Exception:
+                    pass  # the old route stands
+                submit((i, jid, job, route), " (retried alone)")
+                for f in ac:
+                    finish(f)
+    finally:
+        stop()
     return outcomes, time.perf_counter() - t0
 
 

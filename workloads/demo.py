@@ -72,7 +72,7 @@ def run_demo(config, dashboard_port: int = 0, max_tokens: int = 40) -> dict:
         futures = ai.generate(prompts, model="gemma-270m", max_tokens=max_tokens, stop=["\n", "Question:"])
         answers = {}
         order = {f.key: i for i, f in enumerate(futures)}
-        for f in tqdm(as_completed(futures), total=len(futures), desc="   answers", unit="answer"):
+        for f in tqdm(as_completed(futures, loop=ai.client.loop), total=len(futures), desc="   answers", unit="answer"):
             answers[order[f.key]] = f.result()
         for i, q in enumerate(QUESTIONS):
             a = answers[i]

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from cluster.jobs import failure
+from cluster.jobs import failure, wait_all
 
 from .pipeline import StageFailed, compile_pipeline, route_stage, submit_stage
 
@@ -109,7 +109,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
             combine: Callable[[list], Any] | None = None, timeout: float | None = None,
             priority: int = 0) -> FanOutResult:
     """Run ``value`` through every branch at once and aggregate (see the module docstring)."""
-    from distributed import as_completed, wait
+    from distributed import as_completed
 
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate {aggregate!r} is not one of {', '.join(AGGREGATES)}")
@@ -125,7 +125,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
     if aggregate == "first":
         errors = {}
         by_key = {f.key: n for n, f in futures.items()}
-        for f in as_completed(list(futures.values()), timeout=timeout):
+        for f in as_completed(list(futures.values()), loop=ai.client.loop, timeout=timeout):
             name = by_key[f.key]
             err = failure(f)
             if err is not None:
@@ -141,7 +141,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
             return res
         raise StageFailed("fan-out", ", ".join(errors), RuntimeError(
             "every branch failed: " + "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in errors.items())))
-    wait(list(futures.values()), timeout=timeout)
+    wait_all(ai.client, futures.values(), timeout=timeout)
     for name, f in futures.items():
         err = failure(f)
         if err is not None:
@@ -200,7 +200,7 @@ def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True
             live[f.key] = f
             ac.add(f)
 
-    ac = as_completed([])
+    ac = as_completed([], loop=ai.client.loop)
     for _ in range(min(in_flight, len(items))):
         submit_next(ac)
     with tqdm(total=len(items), desc="batch", unit="item", disable=not progress) as bar:

@@ -435,9 +435,9 @@ class PipelineRun:
         self.plan, self.futures, self.client, self.output_stage = plan, futures, client, output
 
     def result(self, timeout=None) -> PipelineResult:
-        from distributed import wait
+        from cluster.jobs import wait_all
 
-        wait(list(self.futures.values()), timeout=timeout)
+        wait_all(self.client, self.futures.values(), timeout=timeout)
         # the first stage (in order) that failed is the cause; later ones failed because of it
         # (a stage whose result was lost with a worker is computed again: gather waits for it)
         from cluster.jobs import failure

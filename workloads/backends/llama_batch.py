@@ -24,7 +24,6 @@ server module is a separate process with its own HTTP API. Nothing here knows ab
 """
 from __future__ import annotations
 
-import ctypes
 import heapq
 import itertools
 import logging
