@@ -141,8 +141,10 @@ class AICluster:
         #: the workers as the scheduler's events report them: routing reads this, no round trip
         self._view = routing.WorkerView(client)
         self._comm = client.scheduler_comm
-        #: stream ids that have sent text (such a stream is not repeated after a restart)
+        #: stream ids that have sent text (such a stream is not repeated after a restart), and
+        #: each stream's current attempt (a stream generated again gets a new one)
         self._started: set[str] = set()
+        self._attempt: dict[str, int] = {}
         #: facade tasks lost with a restarting scheduler are submitted again (cluster/redo.py)
         self._redo = Redo(client, on_reconnected=self._check_reconnected)
 
@@ -170,16 +172,22 @@ class AICluster:
         self._streams[stream_id] = sink
 
     def _on_stream_event(self, event) -> None:
-        stream_id, piece = event[1]
+        tagged, piece = event[1]
+        stream_id, _, attempt = str(tagged).partition("#")
         sink = self._streams.get(stream_id)
-        if sink is not None:
+        if sink is not None and str(self._attempt.get(stream_id, 0)) == (attempt or "0"):
             if piece is not None:
                 self._started.add(stream_id)
             sink(piece)
 
     def _close_stream(self, stream_id: str) -> None:
+        """The reader is done with the stream (its "sent text" mark stays while the
+        future is held: a finished stream is not generated again after a restart)."""
         self._streams.pop(stream_id, None)
+
+    def _forget_stream(self, stream_id: str) -> None:
         self._started.discard(stream_id)
+        self._attempt.pop(stream_id, None)
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -230,31 +238,30 @@ class AICluster:
         return self._resolve(self.config.fallback_chain(tier), what)
 
     def _submit_routed(self, route: routing.Route, what: str, fn, *args, kind: str = "task", priority: int = 0,
-                       group: str | None = None, parts: int | None = None, redo: bool = True,
-                       may_redo: Callable[[], bool] | None = None, **kwargs) -> Future:
+                       group: str | None = None, parts: int | None = None, _redo: bool = True, **kwargs) -> Future:
         """``fn(*args)`` along ``route``; ``group``/``parts``: this task is one of ``parts``
-        chunks of one call, shown as one row on the job board. ``redo``: submitted again
-        under the same key if the scheduler restarts before the result is fetched
-        (cluster/redo.py), unless ``may_redo()`` says no by then."""
+        chunks of one call, shown as one row on the job board. ``_redo``: submitted again
+        under the same key if the scheduler restarts while the future is held
+        (cluster/redo.py)."""
         ann = route.annotation(what, kind, priority)
         if group is not None:
             ann[routing.ANNOTATION].update(group=group, parts=parts)
         with dask.annotate(**ann):
             f = self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
-        if redo:
-            again = {**kwargs, "kind": kind, "priority": priority, "group": group, "parts": parts, "redo": False,
+        if _redo:
+            again = {**kwargs, "kind": kind, "priority": priority, "group": group, "parts": parts, "_redo": False,
                      "key": f.key}
-            self._redo.track(f, lambda: self._submit_routed(route, what, fn, *args, **again), what, may_redo)
+            self._redo.track(f, lambda: self._submit_routed(route, what, fn, *args, **again), what)
         return f
 
-    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, redo: bool = True,
+    def _submit_anywhere(self, what: str, fn, *args, kind: str = "task", priority: int = 0, _redo: bool = True,
                          **kwargs) -> Future:
         # on the job board too (an empty chain: no tier, nothing for the TierGuard to do)
         info = {"chain": [], "what": what, "kind": kind, **({"priority": priority} if priority else {})}
         with dask.annotate(**{routing.ANNOTATION: info}):
             f = self.client.submit(fn, *args, priority=priority, **kwargs)
-        if redo:
-            again = {**kwargs, "kind": kind, "priority": priority, "redo": False, "key": f.key}
+        if _redo:
+            again = {**kwargs, "kind": kind, "priority": priority, "_redo": False, "key": f.key}
             self._redo.track(f, lambda: self._submit_anywhere(what, fn, *args, **again), what)
         return f
 
@@ -274,16 +281,18 @@ class AICluster:
         restarts before its result is fetched; without, it may have side effects, so a
         restart cancels it (``SchedulerLost``), as Dask does.
         """
-        opts = dict(key=key, pure=pure, retries=retries, priority=priority, redo=bool(retries))
+        opts = dict(key=key, pure=pure, retries=retries, priority=priority, _redo=bool(retries))
         what = f"{funcname(fn)}"
         if tier is None:
             return self._submit_anywhere(what, fn, *args, **opts, **kwargs)
         return self._submit_routed(self.route(tier, what), what, fn, *args, **opts, **kwargs)
 
     def map(self, fn: Callable, *iterables: Iterable, tier: str | None = None, pure: bool = False,
-            retries: int | None = None, **kwargs) -> list[Future]:
-        """``Client.map`` routed to a tier (with fallback); with ``retries``, each task is also
-        submitted again after a scheduler restart (see ``submit``)."""
+            retries: int | None = None, key: str | list | None = None, priority: int = 0,
+            batch_size: int | None = None, **kwargs) -> list[Future]:
+        """``Client.map`` routed to a tier (with fallback); ``key``, ``pure``, ``retries``,
+        ``priority`` and ``batch_size`` are Dask's, other keyword arguments go to ``fn``. With
+        ``retries``, each task is also submitted again after a scheduler restart (see ``submit``)."""
         what = f"{funcname(fn)}"
         route = self.route(tier, what) if tier is not None else None
         ann = route.annotation(what) if route else {routing.ANNOTATION: {"chain": [], "what": what, "kind": "task"}}
@@ -291,15 +300,15 @@ class AICluster:
         if retries:
             iterables = tuple(list(it) for it in iterables)
         with dask.annotate(**ann):
-            futures = self.client.map(fn, *iterables, pure=pure, retries=retries, **where, **kwargs)
+            futures = self.client.map(fn, *iterables, key=key, pure=pure, retries=retries, priority=priority,
+                                      batch_size=batch_size, **where, **kwargs)
         if retries:
             for f, args in zip(futures, zip(*iterables)):
-                if route is None:
-                    again = lambda f=f, args=args: self._submit_anywhere(what, fn, *args, key=f.key, pure=pure,
-                                                                        retries=retries, redo=False, **kwargs)
+                opts = dict(key=f.key, pure=pure, retries=retries, priority=priority, _redo=False)
+                if route is None:  # (the key, not the Future: a recipe must not hold the user's future)
+                    again = lambda args=args, opts=opts: self._submit_anywhere(what, fn, *args, **opts, **kwargs)
                 else:
-                    again = lambda f=f, args=args: self._submit_routed(route, what, fn, *args, key=f.key, pure=pure,
-                                                                      retries=retries, redo=False, **kwargs)
+                    again = lambda args=args, opts=opts: self._submit_routed(route, what, fn, *args, **opts, **kwargs)
                 self._redo.track(f, again, what)
         return futures
 
@@ -379,14 +388,28 @@ class AICluster:
         if stream:
             s = GenerationStream(self, uuid.uuid4().hex)
             stream_id = s.stream_id
-        may_redo = None
-        if stream_id is not None:
-            extra.update(topic=STREAM_TOPIC, stream_id=stream_id)
+        what = f"{kind} with {model}"
+
+        def submit(key: str, attempt: int = 0) -> Future:
+            if stream_id is not None:
+                # pieces come as (f"{stream_id}#{attempt}", piece): after a redo, pieces that a
+                # run lost with the old connection still sends are told apart and dropped
+                self._attempt[stream_id] = attempt
+                extra.update(topic=STREAM_TOPIC, stream_id=f"{stream_id}#{attempt}")
+            return self._submit_routed(route, what, _task("generate"), prompt, model, spec, params, index=index,
+                                       kind=kind, key=key, priority=priority, task_priority=priority, _redo=False,
+                                       **extra)
+
+        key = f"{kind}-{model}-{uuid.uuid4().hex[:12]}"
+        f = submit(key)
+        if stream_id is None:
+            self._redo.track(f, lambda: submit(key), what)  # (the key: a recipe must not hold the future)
+        else:
             # after a scheduler restart, a stream is generated again only if it sent no text yet
-            may_redo = lambda: stream_id not in self._started  # noqa: E731
-        f = self._submit_routed(route, f"{kind} with {model}", _task("generate"), prompt, model, spec, params,
-                                index=index, kind=kind, key=f"{kind}-{model}-{uuid.uuid4().hex[:12]}",
-                                priority=priority, task_priority=priority, may_redo=may_redo, **extra)
+            attempts = iter(range(1, 1 << 30))
+            self._redo.track(f, lambda: submit(key, next(attempts)), what,
+                             may_redo=lambda: stream_id not in self._started,
+                             cleanup=lambda: self._forget_stream(stream_id))
         if s is None:
             return f
         s.future = f
@@ -472,7 +495,7 @@ class AICluster:
             parts = [  # one row on the job board, its chunks under it
                 self._submit_routed(route, what, fn, items[i:i + chunk_size], model, spec, params, offset=i,
                                     kind="embed", key=f"embed-{model}-{token}-{i}", priority=priority,
-                                    group=f"embed-{model}-{token}", parts=len(starts), redo=False)
+                                    group=f"embed-{model}-{token}", parts=len(starts), _redo=False)
                 for i in starts
             ]
             return self.client.submit(_task("concat"), parts, single=single, details=details,

@@ -58,6 +58,8 @@ class _Recipe:
     resubmit: Callable
     #: False when the task must not be repeated now (a stream that already sent text)
     may_redo: Callable[[], bool] | None = None
+    #: called once the recipe is dropped (the future released or cancelled)
+    cleanup: Callable[[], None] | None = None
     times: int = 0
 
 
@@ -79,13 +81,21 @@ class _RedoableState(FutureState):
 
     def cancel(self, reason=None, msg=None):
         redo = self._redo()
-        if reason == LOST and redo is not None and redo._lost(self):
-            # keep waiting: the task is submitted again once the client has reconnected
-            self.status = "pending"
-            self._get_event().clear()
-            return
-        if redo is not None:
+        if redo is None:
+            return super().cancel(reason=reason, msg=msg)
+        if reason == LOST:
+            if self.status == "error":
+                return  # the error the user saw (or will see) stands; nothing to redo
+            if redo._lost(self):
+                # keep waiting: the task is submitted again once the client has reconnected
+                self.status = "pending"
+                self._get_event().clear()
+                return
+        elif reason is None and redo._is_waiting(self):
+            # released while waiting for the scheduler (the client closed, or gave up on it)
             redo._forget(self.key)
+            return FutureState.set_error(self, redo._gone(self.key), None)
+        redo._forget(self.key)
         super().cancel(reason=reason, msg=msg)
 
 
@@ -99,6 +109,7 @@ class Redo:
         self._recipes: dict = {}
         self._seq = itertools.count()
         self._waiting: dict = {}  # key -> state lost with the scheduler, not yet submitted again
+        self._swaps: dict = {}  # key -> token of the resubmission under way (see _swap, _abandon)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -109,19 +120,38 @@ class Redo:
         self._state_cls = type("RedoableState", (_RedoableState,), {"__slots__": (), "_redo": staticmethod(ref)})
 
     # -- recording --------------------------------------------------------------------------
-    def track(self, future, resubmit: Callable, what: str, may_redo: Callable[[], bool] | None = None) -> None:
-        """``future`` is submitted again by ``resubmit()`` (same key) if the scheduler is lost."""
+    def track(self, future, resubmit: Callable, what: str, may_redo: Callable[[], bool] | None = None,
+              cleanup: Callable[[], None] | None = None) -> None:
+        """``future`` is submitted again by ``resubmit()`` (same key) if the scheduler is lost.
+        ``resubmit`` must not hold ``future`` itself (that would keep its key alive)."""
         st = future._state
         if st is None or st.status in ("error", "cancelled"):
+            if cleanup is not None:
+                cleanup()
             return
         if type(st) is FutureState:
             st.__class__ = self._state_cls  # same slots: only the class changes
-        self._recipes[future.key] = _Recipe(next(self._seq), what, resubmit, may_redo)
+        old = self._recipes.get(future.key)
+        self._recipes[future.key] = _Recipe(next(self._seq), what, resubmit, may_redo, cleanup)
+        if old is not None and old.cleanup is not None:
+            old.cleanup()
 
     def _forget(self, key) -> None:
-        self._recipes.pop(key, None)
+        recipe = self._recipes.pop(key, None)
         with self._cv:
             self._waiting.pop(key, None)
+        if recipe is not None and recipe.cleanup is not None:
+            recipe.cleanup()
+
+    def _is_waiting(self, state) -> bool:
+        return self._waiting.get(state.key) is state
+
+    def _gone(self, key) -> SchedulerLost:
+        if self._closed:
+            return SchedulerLost(f"job {key}: the client was closed before the scheduler came back")
+        return SchedulerLost(
+            f"the scheduler at {self.address} did not come back (the client gave up reconnecting), so job {key} was "
+            "not run again; start the scheduler and submit it again")
 
     def listen(self, callback: Callable[[list[Resubmitted]], None]) -> Callable[[], None]:
         """Call ``callback(items)`` (from a background thread) after each round of
@@ -132,12 +162,12 @@ class Redo:
     def cancel(self, keys) -> None:
         """The user cancelled these: whatever was lost with the scheduler is not redone."""
         for key in keys:
-            self._recipes.pop(key, None)
             with self._cv:
-                st = self._waiting.pop(key, None)
+                st = self._waiting.get(key)
+            self._forget(key)
             if st is not None:
-                self._on_loop(lambda st=st: FutureState.cancel(st, reason="cancelled", msg="cancelled by the user"),
-                              wait=False)
+                self._on_loop(lambda st=st: FutureState.cancel(st, reason="cancelled", msg="cancelled by the user")
+                              if st.status == "pending" else None, wait=False)
 
     def close(self) -> None:
         with self._cv:
@@ -158,7 +188,15 @@ class Redo:
                 self._thread = threading.Thread(target=self._run, name="aicluster-redo", daemon=True)
                 self._thread.start()
             self._cv.notify_all()
+        # back into the client's table once distributed has emptied it (this runs inside its
+        # loop over the table): meanwhile, gather waits on it, a cancel or release reaches
+        # it, and a Future made for the same key shares it
+        self.client.loop.add_callback(self._reinsert, state)
         return True
+
+    def _reinsert(self, state) -> None:
+        if self._is_waiting(state) and state.key not in self.client.futures:
+            self.client.futures[state.key] = state
 
     def _run(self) -> None:
         while True:
@@ -166,15 +204,17 @@ class Redo:
                 while not self._waiting and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    self._fail_all(SchedulerLost("the client was closed before the scheduler came back"))
+                    for key in list(self._waiting):
+                        self._fail_one(key, self._gone(key))
                     return
             try:
                 # distributed reconnects by itself for its connect timeout, then gives up
                 wait_for_scheduler(self.client, timeout=float(getattr(self.client, "_timeout", 30) or 30) + 30)
             except SchedulerLost:
-                self._fail_all(SchedulerLost(
-                    f"the scheduler at {self.address} did not come back (the client gave up reconnecting), so "
-                    "this job was not run again; start the scheduler and submit it again"))
+                with self._cv:
+                    keys = list(self._waiting)
+                for key in keys:
+                    self._fail_one(key, self._gone(key))
                 continue
             if self.on_reconnected is not None:
                 try:
@@ -199,11 +239,14 @@ class Redo:
             if recipe is None:  # (never left waiting)
                 self._set_error(state, SchedulerLost(f"job {key} was lost with the scheduler"))
                 continue
+            token = object()
+            self._swaps[key] = token
             try:
-                self._on_loop(lambda: self._swap(recipe, state))
+                self._on_loop(lambda recipe=recipe, state=state, token=token: self._swap(recipe, state, token))
             except Exception as e:  # it cannot be submitted again: its waiters get the reason
-                logger.warning("could not submit %s again after the scheduler restarted: %s", key, e)
-                self._set_error(state, e)
+                logger.warning("could not submit %s again after the scheduler restarted: %s: %s", key,
+                               type(e).__name__, e)
+                self._on_loop(lambda state=state, token=token, e=e: self._abandon(state, token, e), wait=False)
                 continue
             recipe.times += 1
             self.resubmitted += 1
@@ -219,20 +262,43 @@ class Redo:
                 logger.warning("the scheduler restarted: %d job(s) lost with it were submitted again (%s)", len(done),
                                ", ".join(sorted({d.what for d in done}))[:300])
 
-    def _swap(self, recipe: _Recipe, state) -> None:
+    def _swap(self, recipe: _Recipe, state, token) -> None:
         """On the event loop: submit again, and hand the new task's state to the old Futures."""
-        f = recipe.resubmit()
-        if f.key != state.key:
-            raise RuntimeError(f"resubmitted under another key ({f.key} for {state.key})")
-        self.client.futures[f.key] = state
+        key = state.key
+        if self._swaps.get(key) is not token:
+            return  # given up on (_abandon ran first)
+        del self._swaps[key]
+        if self._recipes.get(key) is not recipe:  # cancelled or released meanwhile
+            if state.status == "pending":
+                FutureState.cancel(state, reason="cancelled", msg="cancelled while the scheduler restarted")
+            return
+        if self.client.futures.get(key) is state:
+            del self.client.futures[key]  # (else Client.submit would take it as already submitted)
+        try:
+            f = recipe.resubmit()
+            if f.key != key:
+                raise RuntimeError(f"resubmitted under another key ({f.key} for {key})")
+        except BaseException as e:  # its waiters get the reason
+            self._recipes.pop(key, None)
+            FutureState.set_error(state, e, None)
+            raise
+        self.client.futures[key] = state
         f._state = state
         state.status = "pending"
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _abandon(self, state, token, exc: BaseException) -> None:
+        """On the event loop, after the resubmission timed out: unless it went through after
+        all, its waiters get the error."""
+        if self._swaps.get(state.key) is token:
+            del self._swaps[state.key]
+            self._recipes.pop(state.key, None)
+            FutureState.set_error(state, exc, None)
+
+    def _fail_one(self, key, exc: BaseException) -> None:
         with self._cv:
-            lost, self._waiting = list(self._waiting.values()), {}
-        for st in lost:
-            self._recipes.pop(st.key, None)
+            st = self._waiting.pop(key, None)
+        if st is not None:
+            self._forget(key)
             self._set_error(st, exc)
 
     def _set_error(self, state, exc: BaseException) -> None:

@@ -330,7 +330,8 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                 assert finished.result()["completion_tokens"] > 0
                 plain = ai.submit(sum, [3, 4], tier="VRAM12")  # no retries: not redone
                 redoable = ai.submit(sum, [40, 2], tier="VRAM12", retries=1)
-                assert plain.result() == 7 and redoable.result() == 42
+                mapped = ai.map(sum, [[1, 2], [3, 4]], tier="VRAM12", retries=1)
+                assert plain.result() == 7 and redoable.result() == 42 and ai.client.gather(mapped) == [3, 7]
                 seen: list = []
                 ai.on_resubmit(seen.extend)
                 with proc(["aicluster", "generate", "--prompts", str(prompts), "-o", str(out), "--address", addr,
@@ -344,8 +345,11 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                                          spread=True)  # prompts pulled by the workers (cluster/spread.py)
                     with Client(addr, timeout=30) as c:  # until the generations run
                         _wait(lambda: c.run_on_scheduler(_processing) >= 7, 120, "the generations to start")
+                    # every slot of the model is busy: this stream waits, and has sent nothing yet
+                    queued = ai.generate("The lighthouse keeper said", max_tokens=30, stream=True)
                     time.sleep(1.5)  # (the job board writes its rows every second)
                     assert not spread.done() and not any(f.done() for f in gens)
+                    assert queued.stream_id not in ai._started and not queued.future.done()
                     sched.kill()
                     sched.wait()
                     with proc(sched_args, env) as sched2:
@@ -365,16 +369,21 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                         for r in spread.result(timeout=120):
                             assert r["completion_tokens"] == 120 or r["finish_reason"] == "stop", r
                         assert redoable.result(timeout=60) == 42
+                        assert ai.client.gather(mapped) == [3, 7]
                         assert finished.result(timeout=60)["completion_tokens"] > 0
                         with pytest.raises(CancelledError, match="lost the connection"):
                             plain.result(timeout=60)
                         assert isinstance(failure(plain), SchedulerLost)
+                        # the stream that had sent nothing is generated again, and streams whole
+                        text = "".join(queued)
+                        assert text and text == queued.result(timeout=60)["text"]
                         got = [first]
                         with pytest.raises(SchedulerLost, match="the stream was cut"):
                             for piece in pieces:
                                 got.append(piece)
                         redone = {x.key for x in seen}
-                        assert {f.key for f in gens} | {emb.key, redoable.key, finished.key} <= redone, seen
+                        assert ({f.key for f in gens + mapped} | {emb.key, redoable.key, finished.key, queued.future.key}
+                                <= redone), seen
                         assert plain.key not in redone and stream.future.key not in redone
                         board = {j["key"]: j for j in ai.jobs()}
                         for f in gens:
@@ -427,3 +436,23 @@ def test_a_scheduler_that_does_not_come_back_fails_the_held_futures_clearly(tmp_
                 f.result(timeout=120)
         finally:
             ai.close()
+
+
+def test_redo_recipes_go_with_the_futures(tiers):
+    """What the facade keeps to submit a task again (cluster/redo.py) lives exactly as long
+    as the user holds the task's future: nothing accumulates in a long session."""
+    import gc
+
+    futures = tiers.map(sum, [[1, 2], [3, 4]], tier="CPU", retries=1)
+    futures.append(tiers.submit(sum, [5, 6], tier="CPU", retries=1))
+    futures.append(tiers.embed(["a text", "another text"]))
+    futures.append(tiers.generate("Hello", max_tokens=2))
+    keys = {f.key for f in futures}
+    assert tiers.client.gather(futures[:3]) == [3, 7, 11]
+    assert futures[3].result().shape == (2, 384) and futures[4].result()["completion_tokens"] > 0
+    assert keys <= set(tiers._redo._recipes)  # held: it would be redone after a restart
+    plain = tiers.submit(sum, [1, 1], tier="CPU")  # no retries: not kept
+    assert plain.result() == 2 and plain.key not in tiers._redo._recipes
+    del futures
+    gc.collect()
+    _wait(lambda: not keys & set(tiers._redo._recipes), 10, "the recipes to go with their futures")
