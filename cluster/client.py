@@ -5,6 +5,7 @@ tier, model calls that go where the model is resident, and a status table.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -97,6 +98,7 @@ class GenerationStream:
         self.future: Future | None = None
 
     def __iter__(self) -> Iterator[str]:
+        sent = ""
         try:
             while True:
                 try:
@@ -112,11 +114,17 @@ class GenerationStream:
                             if isinstance(err, SchedulerLost):  # never a silently shorter text
                                 raise SchedulerLost(f"the stream was cut: {err}; generate again") from None
                             raise err
-                        return
+                        break
                     continue
                 if msg is None:
-                    return
+                    break
+                sent += msg
                 yield msg
+            # the finished result's text is authoritative: pieces that did not arrive (events
+            # and results travel apart) are sent now, so the stream is never shorter
+            text = self.future.result()["text"]
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent):]
         finally:
             self.ai._close_stream(self.stream_id)
 
@@ -176,7 +184,7 @@ class AICluster:
         stream_id, _, attempt = str(tagged).partition("#")
         sink = self._streams.get(stream_id)
         if sink is not None and str(self._attempt.get(stream_id, 0)) == (attempt or "0"):
-            if piece is not None:
+            if piece:
                 self._started.add(stream_id)
             sink(piece)
 
@@ -248,7 +256,7 @@ class AICluster:
             ann[routing.ANNOTATION].update(group=group, parts=parts)
         with dask.annotate(**ann):
             f = self.client.submit(fn, *args, **route.submit_kwargs(), priority=priority, **kwargs)
-        if _redo:
+        if _redo and self._redo.can_redo((args, kwargs)):
             again = {**kwargs, "kind": kind, "priority": priority, "group": group, "parts": parts, "_redo": False,
                      "key": f.key}
             self._redo.track(f, lambda: self._submit_routed(route, what, fn, *args, **again), what)
@@ -260,7 +268,7 @@ class AICluster:
         info = {"chain": [], "what": what, "kind": kind, **({"priority": priority} if priority else {})}
         with dask.annotate(**{routing.ANNOTATION: info}):
             f = self.client.submit(fn, *args, priority=priority, **kwargs)
-        if _redo:
+        if _redo and self._redo.can_redo((args, kwargs)):
             again = {**kwargs, "kind": kind, "priority": priority, "_redo": False, "key": f.key}
             self._redo.track(f, lambda: self._submit_anywhere(what, fn, *args, **again), what)
         return f
@@ -278,8 +286,9 @@ class AICluster:
 
         ``key``, ``pure``, ``retries`` and ``priority`` are Dask's; other keyword arguments
         go to ``fn``. With ``retries``, the task is also submitted again if the scheduler
-        restarts before its result is fetched; without, it may have side effects, so a
-        restart cancels it (``SchedulerLost``), as Dask does.
+        restarts while you hold its future (even if it had finished: its result was on the
+        old cluster); without, it may have side effects, so a restart cancels it
+        (``SchedulerLost``), as Dask does.
         """
         opts = dict(key=key, pure=pure, retries=retries, priority=priority, _redo=bool(retries))
         what = f"{funcname(fn)}"
@@ -302,13 +311,15 @@ class AICluster:
         with dask.annotate(**ann):
             futures = self.client.map(fn, *iterables, key=key, pure=pure, retries=retries, priority=priority,
                                       batch_size=batch_size, **where, **kwargs)
-        if retries:
+        if retries and self._redo.can_redo((iterables, kwargs)):
+            # fn's own keyword arguments bound here, so none is taken for a submit option
+            call = functools.partial(fn, **kwargs) if kwargs else fn
             for f, args in zip(futures, zip(*iterables)):
                 opts = dict(key=f.key, pure=pure, retries=retries, priority=priority, _redo=False)
                 if route is None:  # (the key, not the Future: a recipe must not hold the user's future)
-                    again = lambda args=args, opts=opts: self._submit_anywhere(what, fn, *args, **opts, **kwargs)
+                    again = lambda args=args, opts=opts: self._submit_anywhere(what, call, *args, **opts)
                 else:
-                    again = lambda args=args, opts=opts: self._submit_routed(route, what, fn, *args, **opts, **kwargs)
+                    again = lambda args=args, opts=opts: self._submit_routed(route, what, call, *args, **opts)
                 self._redo.track(f, again, what)
         return futures
 

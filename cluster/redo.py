@@ -85,14 +85,15 @@ class _RedoableState(FutureState):
             return super().cancel(reason=reason, msg=msg)
         if reason == LOST:
             if self.status == "error":
+                redo._forget(self.key)
                 return  # the error the user saw (or will see) stands; nothing to redo
             if redo._lost(self):
                 # keep waiting: the task is submitted again once the client has reconnected
                 self.status = "pending"
                 self._get_event().clear()
                 return
-        elif reason is None and redo._is_waiting(self):
-            # released while waiting for the scheduler (the client closed, or gave up on it)
+        elif reason is None and redo._is_waiting(self) and redo.client.status in ("closing", "closed"):
+            # the client closes (or gave up reconnecting) while this waits for the scheduler
             redo._forget(self.key)
             return FutureState.set_error(self, redo._gone(self.key), None)
         redo._forget(self.key)
@@ -120,6 +121,13 @@ class Redo:
         self._state_cls = type("RedoableState", (_RedoableState,), {"__slots__": (), "_redo": staticmethod(ref)})
 
     # -- recording --------------------------------------------------------------------------
+    def can_redo(self, deps) -> bool:
+        """Whether a task that takes the futures ``deps`` can be submitted again: only if
+        each of them would be too (a new scheduler does not know the others' keys)."""
+        from distributed.client import futures_of
+
+        return all(f.key in self._recipes for f in futures_of(deps))
+
     def track(self, future, resubmit: Callable, what: str, may_redo: Callable[[], bool] | None = None,
               cleanup: Callable[[], None] | None = None) -> None:
         """``future`` is submitted again by ``resubmit()`` (same key) if the scheduler is lost.
@@ -221,12 +229,14 @@ class Redo:
                     self.on_reconnected()  # event topics again, a new view of the workers
                 except Exception:  # the scheduler went away again: the next round retries
                     logger.debug("after reconnecting", exc_info=True)
-            self._round()
+            try:
+                self._round()
+            except Exception:  # never leave this thread: the futures waiting on it would hang
+                logger.exception("resubmitting after the scheduler restarted")
 
     def _round(self) -> None:
         with self._cv:
-            batch = sorted(self._waiting.items(), key=lambda kv: self._recipes[kv[0]].seq
-                           if kv[0] in self._recipes else -1)
+            batch = sorted(self._waiting.items(), key=lambda kv: getattr(self._recipes.get(kv[0]), "seq", -1))
         done: list[Resubmitted] = []
         for key, state in batch:
             if self.client.status != "running":
@@ -268,6 +278,8 @@ class Redo:
         if self._swaps.get(key) is not token:
             return  # given up on (_abandon ran first)
         del self._swaps[key]
+        if self._is_waiting(state):
+            return  # lost again before this ran: the next round submits it
         if self._recipes.get(key) is not recipe:  # cancelled or released meanwhile
             if state.status == "pending":
                 FutureState.cancel(state, reason="cancelled", msg="cancelled while the scheduler restarted")
@@ -279,7 +291,8 @@ class Redo:
             if f.key != key:
                 raise RuntimeError(f"resubmitted under another key ({f.key} for {key})")
         except BaseException as e:  # its waiters get the reason
-            self._recipes.pop(key, None)
+            self._forget(key)
+            self.client.futures[key] = state  # (not a state Client.submit may have left there)
             FutureState.set_error(state, e, None)
             raise
         self.client.futures[key] = state
@@ -291,7 +304,7 @@ class Redo:
         all, its waiters get the error."""
         if self._swaps.get(state.key) is token:
             del self._swaps[state.key]
-            self._recipes.pop(state.key, None)
+            self._forget(state.key)
             FutureState.set_error(state, exc, None)
 
     def _fail_one(self, key, exc: BaseException) -> None:
