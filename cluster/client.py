@@ -232,6 +232,8 @@ class AICluster:
                 # routing.restart_grace), instead of failing in the few seconds of the restart
                 grace = self.config.routing.restart_grace
                 tier = self._view.recently_left(chain, grace) if grace > 0 else None
+                if tier is None and grace > 0 and self._view.starting(grace):
+                    tier = chain[0]  # a scheduler that just started, before its workers joined: wait for them
                 if tier is None:
                     raise
                 return routing.Route(tier=tier, chain=list(chain))

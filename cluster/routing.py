@@ -400,7 +400,8 @@ def worker_list(dask_scheduler=None) -> dict:
     now = time.time()
     left = {a: [e, now - t] for a, (e, t) in plugin.left.items() if now - t < plugin.REMEMBER} if plugin else {}
     return {"seq": plugin.seq if plugin is not None else 0,
-            "workers": {a: _worker_entry(ws) for a, ws in dask_scheduler.workers.items()}, "left": left}
+            "workers": {a: _worker_entry(ws) for a, ws in dask_scheduler.workers.items()}, "left": left,
+            "uptime": now - getattr(dask_scheduler, "time_started", now - 1e9)}
 
 
 class WorkerView:
@@ -420,6 +421,8 @@ class WorkerView:
         self._left: dict[str, tuple[dict, float]] = {}
         self._refreshing = 0
         self._stale = False
+        #: when (monotonic) the scheduler started, as of the last snapshot
+        self._scheduler_started = float("-inf")
         client.subscribe_topic(WORKERS_TOPIC, self._on_event)
         self.refresh()
 
@@ -444,6 +447,7 @@ class WorkerView:
                 self._refreshing -= 1
         with self._lock:
             now = time.monotonic()
+            self._scheduler_started = now - float(snap.get("uptime", 1e9))
             for addr, entry in self._workers.items():
                 if addr not in snap["workers"]:
                     self._left[addr] = (entry, now)
@@ -483,6 +487,13 @@ class WorkerView:
             self.refresh()
         with self._lock:
             return dict(self._workers)
+
+    def starting(self, within: float) -> bool:
+        """Whether the scheduler started less than ``within`` seconds ago and no worker has
+        joined it yet: its workers are likely on their way (a restarted scheduler, or a
+        scheduler, workers and a script started together)."""
+        with self._lock:
+            return not self._workers and time.monotonic() - self._scheduler_started < within
 
     def recently_left(self, chain: list[str], within: float) -> str | None:
         """The first tier of ``chain`` that a worker left less than ``within`` seconds ago

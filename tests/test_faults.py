@@ -281,6 +281,13 @@ def _processing(dask_scheduler=None) -> int:
     return sum(ts.state == "processing" for ts in dask_scheduler.tasks.values())
 
 
+def _processing_of_others(clients: list, dask_scheduler=None) -> int:
+    """Generations running for clients other than ``clients``."""
+    return sum(ts.state == "processing" and str(ts.key).startswith("generate-")
+               and not any(cs.client_key in clients for cs in ts.who_wants or ())
+               for ts in dask_scheduler.tasks.values())
+
+
 def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_tests):
     """The scheduler PC is killed and started again while `aicluster generate` runs and
     while this process holds facade futures. Everything that can be redone is submitted
@@ -343,8 +350,10 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                     emb = ai.embed(texts, chunk_size=40)
                     spread = ai.generate([f"Fact {i} about lighthouses:" for i in range(2)], max_tokens=120,
                                          spread=True)  # prompts pulled by the workers (cluster/spread.py)
-                    with Client(addr, timeout=30) as c:  # until the generations run
+                    with Client(addr, timeout=30) as c:  # until the generations run, the command's three too
                         _wait(lambda: c.run_on_scheduler(_processing) >= 7, 120, "the generations to start")
+                        _wait(lambda: c.run_on_scheduler(_processing_of_others, [ai.client.id, c.id]) >= 3, 120,
+                              "the command's generations to start")
                     # every slot of the model is busy: this stream waits, and has sent nothing yet
                     queued = ai.generate("The lighthouse keeper said", max_tokens=30, stream=True)
                     time.sleep(1.5)  # (the job board writes its rows every second)
@@ -456,3 +465,42 @@ def test_redo_recipes_go_with_the_futures(tiers):
     del futures
     gc.collect()
     _wait(lambda: not keys & set(tiers._redo._recipes), 10, "the recipes to go with their futures")
+
+
+def test_a_just_started_scheduler_waits_for_its_workers(tmp_path, env_with_tests):
+    """A script that starts with its scheduler (a restarted one, or all of a lab booting at
+    once) finds no worker yet: its work waits for one to join (up to routing.restart_grace)
+    instead of failing with "no worker is connected"."""
+    import yaml
+    from distributed import Worker
+
+    from cluster import connect
+    from conftest import free_port
+    from procs import proc, read_until
+
+    cfg = tmp_path / "config.yaml"
+    data = base_config()
+    data["scheduler"]["jobs_db"] = str(tmp_path / "jobs.sqlite3")
+    data["routing"]["restart_grace"] = 120
+    cfg.write_text(yaml.safe_dump(data))
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
+    with proc(["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"],
+              env) as sched:
+        read_until(sched, "scheduler at")
+        ai = connect(str(cfg), address=addr)
+        try:
+            assert not ai.live_tiers()
+            f = ai.submit(sum, [1, 2], tier="CPU")  # no worker yet: no error, it waits
+
+            async def start():
+                return await Worker(addr, resources={"CPU": 1}, nthreads=1, name="late")
+
+            w = ai.client.sync(start)
+            try:
+                assert f.result(timeout=60) == 3
+            finally:
+                ai.client.sync(w.close)
+        finally:
+            ai.close()
