@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -414,28 +415,37 @@ def test_one_large_embed_is_one_job_with_its_chunks_under_it(tiers):
     assert "3/3 parts" in str(tiers.jobs())
 
 
-def test_a_scheduler_that_does_not_come_back_fails_the_held_futures_clearly(tmp_path, env_with_tests):
-    """Nothing hangs when the scheduler is gone for good: the client gives up reconnecting
-    after its timeout, and the futures that were waiting to be submitted again fail with
-    SchedulerLost naming the scheduler's address. (No worker: the task waits in the
-    scheduler's queue when it dies.)"""
+@contextmanager
+def _lone_scheduler(tmp_path, env_with_tests, grace: float | None = None):
+    """An `aicluster scheduler` process with no worker: (process, config path, address)."""
     import yaml
 
-    from cluster import connect
-    from cluster.jobs import SchedulerLost
     from conftest import free_port
     from procs import proc, read_until
 
     cfg = tmp_path / "config.yaml"
     data = base_config()
     data["scheduler"]["jobs_db"] = str(tmp_path / "jobs.sqlite3")
+    if grace is not None:
+        data["routing"]["restart_grace"] = grace
     cfg.write_text(yaml.safe_dump(data))
     port = free_port()
-    addr = f"tcp://127.0.0.1:{port}"
     env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
     with proc(["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"],
               env) as sched:
         read_until(sched, "scheduler at")
+        yield sched, cfg, f"tcp://127.0.0.1:{port}"
+
+
+def test_a_scheduler_that_does_not_come_back_fails_the_held_futures_clearly(tmp_path, env_with_tests):
+    """Nothing hangs when the scheduler is gone for good: the client gives up reconnecting
+    after its timeout, and the futures that were waiting to be submitted again fail with
+    SchedulerLost naming the scheduler's address. (No worker: the task waits in the
+    scheduler's queue when it dies.)"""
+    from cluster import connect
+    from cluster.jobs import SchedulerLost
+
+    with _lone_scheduler(tmp_path, env_with_tests) as (sched, cfg, addr):
         ai = connect(str(cfg), address=addr, timeout=5)
         try:
             f = ai.submit(sum, [1, 2], retries=2)  # no worker yet: it waits on the scheduler
@@ -471,24 +481,11 @@ def test_a_just_started_scheduler_waits_for_its_workers(tmp_path, env_with_tests
     """A script that starts with its scheduler (a restarted one, or all of a lab booting at
     once) finds no worker yet: its work waits for one to join (up to routing.restart_grace)
     instead of failing with "no worker is connected"."""
-    import yaml
     from distributed import Worker
 
     from cluster import connect
-    from conftest import free_port
-    from procs import proc, read_until
 
-    cfg = tmp_path / "config.yaml"
-    data = base_config()
-    data["scheduler"]["jobs_db"] = str(tmp_path / "jobs.sqlite3")
-    data["routing"]["restart_grace"] = 120
-    cfg.write_text(yaml.safe_dump(data))
-    port = free_port()
-    addr = f"tcp://127.0.0.1:{port}"
-    env = {**env_with_tests, "AICLUSTER_CONFIG": str(cfg)}
-    with proc(["aicluster", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"],
-              env) as sched:
-        read_until(sched, "scheduler at")
+    with _lone_scheduler(tmp_path, env_with_tests, grace=120) as (sched, cfg, addr):
         ai = connect(str(cfg), address=addr)
         try:
             assert not ai.live_tiers()
