@@ -35,7 +35,7 @@ import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from distributed.client import FutureState
@@ -70,7 +70,6 @@ class Resubmitted:
     key: str
     what: str
     times: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 class _RedoableState(FutureState):
@@ -115,8 +114,6 @@ class Redo:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._listeners: list[Callable[[list[Resubmitted]], None]] = []
-        #: tasks submitted again so far (all restarts)
-        self.resubmitted = 0
         ref = weakref.ref(self)
         self._state_cls = type("RedoableState", (_RedoableState,), {"__slots__": (), "_redo": staticmethod(ref)})
 
@@ -259,7 +256,6 @@ class Redo:
                 self._on_loop(lambda state=state, token=token, e=e: self._abandon(state, token, e), wait=False)
                 continue
             recipe.times += 1
-            self.resubmitted += 1
             done.append(Resubmitted(str(key), recipe.what, recipe.times))
         if done:
             if self._listeners:
