@@ -14,30 +14,51 @@ $(PY):
 # llama-cpp-python is built from source with ggml RPC (models split across workers, see
 # README "Models bigger than one GPU"). pip's own wheel cache ignores CMAKE_ARGS (it would
 # hand back a wheel built without RPC), so the wheel is built once with `pip wheel` into a
-# folder keyed by version, flags and machine, and installed from there: only the first
-# install compiles (about 8 minutes on 2 cores). On a PC with an NVIDIA GPU:
+# folder keyed by version, flags and the CPU it was built for, and installed from there:
+# only the first install compiles (about 8 minutes on 2 cores). On a PC with an NVIDIA GPU:
 #   make install LLAMA_CMAKE_ARGS="-DGGML_RPC=ON -DGGML_CUDA=ON"
+#
+# The CPU part of the build (LLAMA_CPU_ARGS) is not ggml's default -march=native: on a CPU
+# with AMX that compiles ggml's AMX kernels, and the first decode of a Q4_K model then
+# segfaults in ggml_backend_amx_mul_mat (ggml-org/llama.cpp#20824, closed unfixed). We turn
+# GGML_NATIVE off and name each extension this CPU has (AVX2, AVX-512, VNNI, BF16 ...),
+# never AMX: cluster/cpubuild.py reads /proc/cpuinfo. (ggml's run-time variants,
+# GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS, would compile ggml-cpu 14 times, about 25 more
+# minutes here, include the AMX variant, and need ggml_backend_load_all, which the binding
+# does not call.) The key names the features, so a cache copied to another PC builds anew
+# rather than hand back a wheel for a CPU it is not. With NATIVE off, a CUDA build compiles
+# for ggml's list of GPU architectures (any card of the lab); add
+# -DCMAKE_CUDA_ARCHITECTURES=native for this PC's card only. To try another CPU build:
+#   make install LLAMA_CPU_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 LLAMA_VERSION ?= 0.3.36
-LLAMA_CMAKE_ARGS ?= -DGGML_RPC=ON
 WHEEL_CACHE ?= $(HOME)/.cache/aicluster/wheels
-LLAMA_KEY := $(shell printf '%s %s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' "$$(uname -m)" | sha1sum | cut -c1-12)
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=ON
+LLAMA_CPU_ARGS ?= $(shell python3 cluster/cpubuild.py cmake)
+LLAMA_BUILT_FOR := $(shell python3 cluster/cpubuild.py key '$(LLAMA_CPU_ARGS)')
+LLAMA_KEY := $(shell printf '%s|%s|%s|%s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' '$(LLAMA_CPU_ARGS)' '$(LLAMA_BUILT_FOR)' | sha1sum | cut -c1-12)
 LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
 # The binding, from the wheel cache (built there first when missing); a stamp per build key,
-# so `make install LLAMA_CMAKE_ARGS=...` on an existing venv installs the other build.
+# so `make install LLAMA_CMAKE_ARGS=...` on an existing venv installs the other build. The
+# wheel folder's BUILD file says what it was built for; the venv keeps a copy
+# (.venv/aicluster-llama-build.txt) that the tests and `aicluster doctor` check the
+# binding against.
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
 $(LLAMA_STAMP): | $(PY)
 	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { \
-		echo "building llama-cpp-python $(LLAMA_VERSION) with $(LLAMA_CMAKE_ARGS) (once, ~8 min)"; \
+		echo "building llama-cpp-python $(LLAMA_VERSION) for $(LLAMA_BUILT_FOR) (once, ~8 min)"; \
 		rm -rf $(LLAMA_WHEELS).tmp; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_CPU_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir \
 			--no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS).tmp \
+		&& printf 'version %s\ncmake %s\ncpu %s\nbuilt-for %s\n' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' \
+			'$(LLAMA_CPU_ARGS)' '$(LLAMA_BUILT_FOR)' > $(LLAMA_WHEELS).tmp/BUILD \
 		&& mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
 	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(PY) -m pip install -q $(LLAMA_WHEELS)/*.whl  # its dependencies (numpy, jinja2, ...)
 	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else \
 		'the wheel in $(LLAMA_WHEELS) has no ggml RPC: delete that folder and run make again')"
-	rm -f $(VENV)/.llama-*
+	cp $(LLAMA_WHEELS)/BUILD $(VENV)/aicluster-llama-build.txt
+	rm -f $(VENV)/.llama-* $(VENV)/.smoke-*
 	touch $(LLAMA_STAMP)
 
 # torch first, from the CPU build on this disk (a plain `torch` requirement could pull a
@@ -48,10 +69,18 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The smoke check: every shipped model loads and runs in a child process on this PC's build
+# (cluster/smoke.py). A crash stops here with one line naming the model, the signal and the
+# native frame, so `make demo` never starts a cluster on a build that crashes on this CPU.
+SMOKE_STAMP := $(VENV)/.smoke-$(LLAMA_KEY)
+$(SMOKE_STAMP): $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m cluster.smoke
+	touch $(SMOKE_STAMP)
+
+install: $(STAMP) $(SMOKE_STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/aicluster demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/aicluster demo || { echo "if anything failed, run: $(VENV)/bin/aicluster doctor"; exit 1; }
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

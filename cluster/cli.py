@@ -309,6 +309,40 @@ def status(address, as_json, config_path):
 
 
 @main.command()
+@click.argument("address", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--no-smoke", is_flag=True,
+              help="Skip the smoke decode per model (each loads its model in a child process: seconds to minutes).")
+@click.option("--checksums", is_flag=True, help="Compute each model file's SHA-256 (reads every byte; default: size only).")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def doctor(address, as_json, no_smoke, checksums, config_path):
+    """Check this PC, or every PC of the cluster at ADDRESS, with a fix for each failing row.
+
+    Python and package versions; the llama.cpp binding's build against this CPU (a feature
+    the CPU lacks: SIGILL; AMX: a segfault), RPC and CUDA; torch/CUDA/NVML visibility; each
+    model's source (present, size, SHA-256 with --checksums); a smoke decode per model in a
+    child process; free disk in the caches; the config's ports (free, or in use by whom);
+    the TLS certificates (readable, in date, host names). With ADDRESS, every worker runs
+    the same checks and its clock is compared with this PC's. Exit status 1 when a row fails.
+
+    \b
+    Examples:
+      aicluster doctor                            # this PC
+      aicluster doctor --no-smoke --json          # quick, for scripts
+      aicluster doctor tcp://192.168.1.10:8786    # this PC, then every worker of the cluster
+    """
+    cfg = load_cfg(config_path)
+    if address:
+        quiet_dask()
+        address = checked_address(address, cfg)
+    from .doctor import format_report, run_doctor
+
+    report = run_doctor(cfg, address=address, smoke=not no_smoke, checksums=checksums)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    sys.exit(report["exit_code"])
+
+
+@main.command()
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP)
 @click.option("--dashboard-port", type=int, default=0, help="Dashboard port (default: any free port).")
 def demo(config_path, dashboard_port):
@@ -320,11 +354,16 @@ def demo(config_path, dashboard_port):
     """
     quiet_dask()
     cfg = load_cfg(config_path)
-    # the demo is ML code, so it lives in workloads; imported by name (cluster never
-    # imports workloads at module level)
-    import importlib
+    from workloads.demo import run_demo
 
-    importlib.import_module("workloads.demo").run_demo(cfg, dashboard_port=dashboard_port)
+    try:
+        run_demo(cfg, dashboard_port=dashboard_port)
+    except (KeyboardInterrupt, click.ClickException):
+        raise
+    except Exception as e:  # the first thing a new user meets: say what to run next
+        raise click.ClickException(f"{type(e).__name__}: {e}\nThe demo failed. Run `aicluster doctor`: it checks "
+                                   "this PC's build against its CPU, the models, the ports and the certificates, "
+                                   "with a fix for each failing row.") from None
 
 
 @main.command()

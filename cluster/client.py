@@ -20,11 +20,14 @@ from dask.utils import funcname
 from distributed import Client, Future
 
 from . import routing
+from workloads.backends import InputError, InputTypeError
+
 from .config import Config, load_config
 from .jobs import JobBoard, format_jobs, job_rows
 from .plugin import PLUGIN_NAME, ModelHost
 from .redo import Redo, Resubmitted
 from .status import format_table, worker_rows
+from .streams import STREAM_TOPIC, StreamHub, close_stream
 
 __all__ = ["AICluster", "connect", "ClusterStatus", "GenerationStream", "JobList"]
 
@@ -83,16 +86,14 @@ class ClusterStatus(list):
         return out
 
 
-#: one pub/sub topic for every stream (the scheduler keeps a bounded log per topic name,
-#: so a topic per generation would grow without end); messages are (stream id, piece)
-STREAM_TOPIC = "aicluster-stream"
 
 
 class GenerationStream:
     """Text pieces of one generation as they are produced; ``.result()`` gives the final dict."""
 
-    def __init__(self, ai: "AICluster", stream_id: str):
-        self.ai, self.stream_id = ai, stream_id
+    def __init__(self, ai: "AICluster", stream_id: str | None = None):
+        self.ai = ai
+        self.stream_id = stream_id = stream_id or ai.new_stream_id()
         self._q: queue.Queue = queue.Queue()
         ai._open_stream(stream_id, self._q.put)
         self.future: Future | None = None
@@ -143,6 +144,7 @@ class AICluster:
         client.register_plugin(routing.WorkerEvents())
         client.register_plugin(routing.ModelAffinity(prefer_resident=config.routing.prefer_resident))
         client.register_plugin(JobBoard())
+        client.register_plugin(StreamHub())
         client.register_plugin(ModelHost(config))
         self._streams: dict[str, Callable] = {}
         self._subscribed = False
@@ -170,9 +172,14 @@ class AICluster:
             self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
         self._view.resubscribe()
 
+    def new_stream_id(self) -> str:
+        """An id for a stream of this client (the scheduler's hub sends its pieces here only)."""
+        return f"{self.client.id}/{uuid.uuid4().hex}"
+
     def _open_stream(self, stream_id: str, sink: Callable[[str | None], None]) -> None:
-        """Send the text pieces of stream ``stream_id`` to ``sink`` (None ends the stream);
-        ``sink`` is called on the client's event loop thread and must not block."""
+        """Send the text pieces of stream ``stream_id`` (from ``new_stream_id``) to ``sink``
+        (None ends the stream); ``sink`` is called on the client's event loop thread and must
+        not block."""
         self._check_reconnected()
         if not self._subscribed:
             self.client.subscribe_topic(STREAM_TOPIC, self._on_stream_event)
@@ -191,7 +198,8 @@ class AICluster:
     def _close_stream(self, stream_id: str) -> None:
         """The reader is done with the stream (its "sent text" mark stays while the
         future is held: a finished stream is not generated again after a restart)."""
-        self._streams.pop(stream_id, None)
+        if self._streams.pop(stream_id, None) is not None:
+            close_stream(self.client, f"{stream_id}#{self._attempt.get(stream_id, 0)}")
 
     def _forget_stream(self, stream_id: str) -> None:
         self._started.discard(stream_id)
@@ -240,7 +248,7 @@ class AICluster:
 
     def _check_tier(self, tier: str) -> None:
         if tier not in self.config.tiers:
-            raise ValueError(f"tier {tier!r} is not a tier; known: {', '.join(self.config.tiers)}")
+            raise InputError(f"tier {tier!r} is not a tier; known: {', '.join(self.config.tiers)}")
 
     def route(self, tier: str, what: str = "this task") -> routing.Route:
         """Where work for ``tier`` goes now (raises ``NoWorkerForTier`` when nowhere)."""
@@ -329,7 +337,7 @@ class AICluster:
     def _model_route(self, model: str, kinds: tuple[str, ...], verb: str, tier: str | None = None) -> tuple[Any, routing.Route]:
         spec = self.config.model(model)
         if spec.backend in sum((GENERATE_BACKENDS, EMBED_BACKENDS), ()) and spec.backend not in kinds:
-            raise ValueError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
+            raise InputError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
                              + ", ".join(n for n, m in self.config.models.items() if m.backend in kinds))
         if spec.sharded and "llamacpp" in kinds:
             # split across workers: the head that holds it, or a new plan (cluster/shards.py)
@@ -349,7 +357,7 @@ class AICluster:
     def generate(self, prompt: str | Sequence[str], model: str = "gemma-270m", max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
                  seed: int | None = None, stream: bool = False, tier: str | None = None, priority: int = 0,
-                 spread: bool = False) -> Future | list[Future] | GenerationStream:
+                 spread: bool = False, **sampling) -> Future | list[Future] | GenerationStream:
         """Generate text with ``model`` on its tier; returns a Future (a list for a list of prompts).
 
         Parameters
@@ -373,15 +381,22 @@ class AICluster:
             A list of prompts over every worker that can run the model (its tier and the
             fallback tiers whose budget fits it), each kept busy as it finishes prompts;
             returns one ``concurrent.futures.Future`` of the results in prompt order.
+        sampling
+            OpenAI's ``presence_penalty``, ``frequency_penalty`` (-2 to 2), ``logit_bias``
+            (``{token_id: -100..100}``), ``logprobs`` (alternatives per token, 0-20: the
+            result gets ``logprobs``) and ``response_format`` (``{"type": "json_object"}``
+            or ``{"type": "json_schema", "json_schema": {"schema": {...}}}``: the output is
+            held to that JSON by a grammar); llamacpp models.
 
         The result dict holds ``text``, ``prompt_tokens``, ``completion_tokens``,
         ``finish_reason``, timings, and the ``worker`` / ``tier`` that ran it.
         """
         prompts, single = _check_texts(prompt, "prompt")
-        params = _sampling(max_tokens, temperature, top_p, stop, seed)
+        params = _sampling(max_tokens, temperature, top_p, stop, seed, **_sampling_kwargs(sampling))
         if stream and not single:
-            raise ValueError("stream=True takes a single prompt")
+            raise InputError("stream=True takes a single prompt")
         spec, route = self._model_route(model, GENERATE_BACKENDS, "generate text", tier)
+        _check_backend_sampling(spec, model, params)
         precheck(spec, prompts, model, max_tokens=max_tokens, first_index=None if single else 0)
         if spread and not spec.sharded:  # a split model has one head: its batch takes every prompt
             from .spread import spread_generate
@@ -399,7 +414,7 @@ class AICluster:
         extra: dict = {} if messages is None else {"messages": messages}
         s = None
         if stream:
-            s = GenerationStream(self, uuid.uuid4().hex)
+            s = GenerationStream(self)
             stream_id = s.stream_id
         what = f"{kind} with {model}"
 
@@ -408,7 +423,7 @@ class AICluster:
                 # pieces come as (f"{stream_id}#{attempt}", piece): after a redo, pieces that a
                 # run lost with the old connection still sends are told apart and dropped
                 self._attempt[stream_id] = attempt
-                extra.update(topic=STREAM_TOPIC, stream_id=f"{stream_id}#{attempt}")
+                extra.update(stream_id=f"{stream_id}#{attempt}")
             return self._submit_routed(route, what, _task("generate"), prompt, model, spec, params, index=index,
                                        kind=kind, key=key, priority=priority, task_priority=priority, _redo=False,
                                        **extra)
@@ -431,15 +446,17 @@ class AICluster:
     def chat(self, messages: Sequence[dict], model: str = "gemma-270m", max_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
              seed: int | None = None, stream: bool = False, tier: str | None = None,
-             priority: int = 0) -> Future | GenerationStream:
+             priority: int = 0, **sampling) -> Future | GenerationStream:
         """The assistant's next turn after ``messages`` (``[{"role": "user", "content": ...}]``,
         roles system / user / assistant), with the model's own chat template (see
         workloads/backends/chat.py). A Future of the same dict as ``generate`` plus
         ``message`` (``{"role": "assistant", "content": ...}``); ``stream=True`` gives a
-        ``GenerationStream``. The other parameters are ``generate``'s."""
+        ``GenerationStream``. The other parameters are ``generate``'s (``sampling``: OpenAI's
+        penalties, ``logit_bias``, ``logprobs``, ``response_format``)."""
         msgs = _check_messages(messages)
-        params = _sampling(max_tokens, temperature, top_p, stop, seed)
+        params = _sampling(max_tokens, temperature, top_p, stop, seed, **_sampling_kwargs(sampling))
         spec, route = self._model_route(model, GENERATE_BACKENDS, "chat", tier)
+        _check_backend_sampling(spec, model, params)
         # at the caller when the model file is here: no template, or a prompt over the context,
         # fails before anything is submitted (the worker formats the messages itself)
         formatted = importlib.import_module("workloads.backends").chat_prompt(spec, msgs, model)
@@ -459,7 +476,8 @@ class AICluster:
 
     def embed(self, texts: str | Sequence[str], model: str = "minilm", batch_size: int = 64,
               normalize: bool = False, truncate: bool = False, chunk_size: int | None = None,
-              details: bool = False, tier: str | None = None, priority: int = 0, spread: bool = False) -> Future:
+              details: bool = False, tier: str | None = None, priority: int = 0, spread: bool = False,
+              count_tokens: bool = False) -> Future:
         """Embed ``texts`` on the model's tier; a Future of one array in the input order.
 
         Parameters
@@ -477,6 +495,8 @@ class AICluster:
             live worker of the tier, so task overhead stays small.
         details
             Return ``{"embeddings": array, "batches": [{worker, tier, n, seconds}, ...]}``.
+        count_tokens
+            Each batch of ``details`` also says how many tokens the model read (``tokens``).
         priority
             Dask priority (higher first), on every chunk; shown on the job board.
         spread
@@ -487,10 +507,12 @@ class AICluster:
         """
         items, single = _check_texts(texts, "text")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         spec, route = self._model_route(model, EMBED_BACKENDS, "embed texts", tier)
         precheck(spec, items, model, truncate=truncate, first_index=0)
         params = dict(batch_size=batch_size, normalize=normalize, truncate=truncate)
+        if count_tokens:
+            params["count_tokens"] = True
         if spread:
             from .spread import spread_embed
 
@@ -603,7 +625,7 @@ class AICluster:
 
         for st in states or ():
             if st not in STATES:
-                raise ValueError(f"state {st!r} is not one of {', '.join(STATES)}")
+                raise InputError(f"state {st!r} is not one of {', '.join(STATES)}")
         return JobList(self.client.run_on_scheduler(job_rows, states=states, limit=limit))
 
     def job(self, key: str | Future) -> dict:
@@ -728,21 +750,73 @@ async def _unload_on_worker(model: str, dask_worker=None) -> bool:
     return host.release_shard(model) or was
 
 
-def _sampling(max_tokens, temperature, top_p, stop, seed) -> dict:
-    """Checked generation parameters (each error names the parameter and the value)."""
+def _sampling(max_tokens, temperature, top_p, stop, seed, presence_penalty=0.0, frequency_penalty=0.0,
+              logit_bias=None, logprobs=None, response_format=None) -> dict:
+    """Checked generation parameters (each error names the parameter and the value). The
+    ones past ``seed`` are OpenAI's, done by llama.cpp's samplers; they are in the result
+    only when set, so backends without them (transformers) are not asked."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        raise InputError(f"temperature must be >= 0, got {temperature!r}")
     if isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     # one string is one stop string (as in OpenAI's API), not a list of its characters
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) for s in stop):
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stop=stop, seed=seed)
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    out = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stop=stop, seed=seed)
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+            raise InputError(f"{name} must be a number from -2 to 2, got {v!r}")
+        if v:
+            out[name] = float(v)
+    if logit_bias:
+        if not isinstance(logit_bias, dict):
+            raise InputError(f"logit_bias must map token ids to numbers from -100 to 100, got {logit_bias!r:.60}")
+        bias = {}
+        for k, v in logit_bias.items():
+            try:
+                tok = int(k)
+            except (TypeError, ValueError):
+                raise InputError(f"logit_bias: {k!r} is not a token id") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise InputError(f"logit_bias[{k!r}] must be a number from -100 to 100, got {v!r}")
+            bias[tok] = float(v)
+        out["logit_bias"] = bias
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20:
+            raise InputError(f"logprobs (the alternatives per token) must be an integer from 0 to 20, got {logprobs!r}")
+        out["logprobs"] = logprobs
+    if response_format is not None:
+        from workloads.backends.llamacpp import grammar_for
+
+        grammar = grammar_for(response_format)
+        if grammar:
+            out["grammar"] = grammar
+    return out
+
+
+#: what `_sampling` adds for llama.cpp's samplers only
+LLAMA_SAMPLING = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "grammar")
+
+
+def _check_backend_sampling(spec, model: str, params: dict) -> None:
+    extra = [k for k in LLAMA_SAMPLING if k in params]
+    if extra and spec.backend == "transformers":
+        names = ", ".join("response_format" if k == "grammar" else k for k in extra)
+        raise InputError(f"model {model!r} (transformers) does not support {names}; the llamacpp backend does")
+
+
+def _sampling_kwargs(kwargs: dict) -> dict:
+    allowed = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format")
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise InputTypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; sampling takes "
+                             f"{', '.join(allowed)}")
+    return kwargs
 
 
 ROLES = ("system", "user", "assistant")
@@ -751,23 +825,23 @@ ROLES = ("system", "user", "assistant")
 def _check_messages(messages) -> list[dict]:
     """Chat messages as plain ``{"role", "content"}`` dicts, or an error naming the bad one."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+        raise InputError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise TypeError(f"message {i} is a {type(m).__name__}, not a {{\"role\", \"content\"}} mapping")
+            raise InputTypeError(f"message {i} is a {type(m).__name__}, not a {{\"role\", \"content\"}} mapping")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+            raise InputError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
         if isinstance(content, list):  # OpenAI's content parts: text only here
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ValueError(f"message {i}: only text content is supported")
+                raise InputError(f"message {i}: only text content is supported")
             content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message {i} ({role}) has no text content")
+            raise InputError(f"message {i} ({role}) has no text content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] == "assistant":
-        raise ValueError("the last message is the assistant's: end with a user message to get an answer")
+        raise InputError("the last message is the assistant's: end with a user message to get an answer")
     return out
 
 
@@ -778,14 +852,14 @@ def _check_texts(value, what: str) -> tuple[list[str], bool]:
     elif isinstance(value, (list, tuple)):
         items, single = list(value), False
     else:
-        raise TypeError(f"expected a string or a list of strings as {what}s, got {type(value).__name__}")
+        raise InputTypeError(f"expected a string or a list of strings as {what}s, got {type(value).__name__}")
     if not items:
-        raise ValueError(f"no {what}s given: the list is empty")
+        raise InputError(f"no {what}s given: the list is empty")
     for i, t in enumerate(items):
         if not isinstance(t, str):
-            raise TypeError(f"{what} {i} is a {type(t).__name__}, not a string: {t!r:.60}")
+            raise InputTypeError(f"{what} {i} is a {type(t).__name__}, not a string: {t!r:.60}")
         if not t.strip():
-            raise ValueError(f"{what} {i} is empty")
+            raise InputError(f"{what} {i} is empty")
     return items, single
 
 

@@ -132,6 +132,7 @@ def _models_doc(scheduler, extra, doc):
         for r in rows_for(scheduler):
             tier = (r["tier"] or "no tier") + (" simulated" if r["simulated"] else "")
             label = f"{r['name']} [{tier}]" + (" PAUSED (memory)" if r.get("status") == "paused" else "")
+            label += "".join(f" QUARANTINED {m} ({q.get('signal')})" for m, q in (r.get("quarantined") or {}).items())
             labels.append(label)
             left = 0.0
             for name, m in r["models"].items():

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import psutil
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from workloads.backends import ModelCrashed
+
 from .config import BACKENDS, Config, ModelConfig, load_config
 from .devices import detect
 from .tiers import TierAssignment, assign_tier, tier_of_resources
@@ -59,6 +61,12 @@ def _backend_module(backend: str):
     path = f"workloads.backends.{backend}:load" if backend in BACKENDS else backend
     module, _, attr = path.partition(":")
     return importlib.import_module(module), attr or "load"
+
+
+def backend_loader(backend: str):
+    """The function that loads a model of ``backend``: ``load(spec, device, threads, name)``."""
+    module, attr = _backend_module(backend)
+    return getattr(module, attr)
 
 
 @dataclass
@@ -182,6 +190,16 @@ class ModelHost(WorkerPlugin):
         self.budget = self.budget_override or self._default_budget()
         self._models: OrderedDict[str, Resident] = OrderedDict()
         self._loading: dict[str, _Loading] = {}
+        #: model -> event set when its unload is over: until then it stays in ``_models`` (its
+        #: bytes counted) and ``get`` waits, so no second copy loads beside the closing one
+        self._unloading: dict[str, threading.Event] = {}
+        #: model -> what its crash was (``quarantined``): not loaded again here until it is
+        #: unloaded or its config changes
+        self.quarantine: dict[str, dict] = {}
+        from .cpubuild import build_fingerprint
+
+        #: what this worker runs models with: a crash here is tried elsewhere only where it differs
+        self.build = {**build_fingerprint(), "device": self.assignment.device_name if self.assignment else "cpu"}
         self._lock = threading.Lock()
         self.load_counts: dict[str, int] = {}
         self.evictions: list[str] = []
@@ -284,9 +302,10 @@ class ModelHost(WorkerPlugin):
 
     def _watch_children(self, worker) -> None:
         """The worker's own memory thresholds (spill, pause) see what its child processes hold
-        in RAM too: the layers on its shard server, a split model's head. (Dask measures the
-        worker process alone; ``get_process_memory`` is its documented seam. The nanny's
-        terminate threshold still measures the worker process only.)"""
+        in RAM too: the llama.cpp engines of its models, the layers on its shard server, a
+        split model's head. (Dask measures the worker process alone; ``get_process_memory``
+        is its documented seam. The nanny's terminate threshold still measures the worker
+        process only.)"""
         monitor = getattr(worker, "monitor", None)
         if monitor is None or getattr(monitor, "_aicluster_children", False):
             return
@@ -294,15 +313,24 @@ class ModelHost(WorkerPlugin):
 
         def process_memory() -> int:
             n = own()
-            if self.shard_server is not None or any(hasattr(r.model, "shard_info") for r in list(self._models.values())):
+            for pid in self._child_pids():
                 try:
-                    n += sum(c.memory_info().rss for c in psutil.Process().children())
+                    n += psutil.Process(pid).memory_info().rss
                 except psutil.Error:
                     pass
             return n
 
         monitor.get_process_memory = process_memory
         monitor._aicluster_children = True
+
+    def _child_pids(self) -> list[int]:
+        """This host's own child processes (engines of its models, its shard server); not every
+        child of the process, which in a test may host several workers."""
+        pids = [getattr(r.model, "pid", None) for r in list(self._models.values())]
+        srv = self.shard_server
+        if srv is not None and srv.proc is not None:
+            pids.append(srv.proc.pid)
+        return [p for p in pids if p]
 
     def resident(self) -> list[str]:
         return list(self._models)
@@ -327,6 +355,12 @@ class ModelHost(WorkerPlugin):
         while True:
             if self._closing:
                 raise WorkerClosing(f"worker {self.worker.name} is closing; the task runs again on another worker")
+            self._check_quarantine(name, spec)
+            with self._lock:
+                unloading = self._unloading.get(name)
+            if unloading is not None:  # the old copy is closing: load anew once it is gone
+                unloading.wait()
+                continue
             with self._lock:
                 res = self._models.get(name)
                 # its batch decoder failed, or it is split otherwise than this task asks
@@ -346,11 +380,19 @@ class ModelHost(WorkerPlugin):
                     raise pending.error
                 continue
             try:
+                crash = getattr(res.model, "crash", None) if broken else None
+                if crash is not None:  # its engine process died of a native crash: quarantined
+                    err = self._quarantine(name, spec, crash)
+                    self.unload(name, lift_quarantine=False)
+                    raise err
                 if broken:  # load it afresh
                     logger.warning("model %s stopped working on this worker, or is split otherwise than asked; "
                                    "loading it again", name)
                     self.unload(name)
                 res = self._load(name, spec)
+            except ModelCrashed as e:
+                pending.error = self._quarantine(name, spec, e) if name not in self.quarantine else e
+                raise pending.error from None
             except BaseException as e:
                 pending.error = e
                 raise
@@ -371,27 +413,85 @@ class ModelHost(WorkerPlugin):
     def is_cancelled(self, key) -> bool:
         return str(key) in self._cancelled
 
-    def unload(self, name: str, finish: bool = True) -> bool:
-        """Unload ``name``; tasks using it finish first. ``finish=False`` (a worker leaving):
-        a model that can (``abort()``) ends the generations it serves with an error at once."""
+    def unload(self, name: str, finish: bool = True, lift_quarantine: bool = True) -> bool:
+        """Unload ``name`` (and lift its quarantine); tasks using it finish first.
+        ``finish=False`` (a worker leaving): a model that can (``abort()``) ends the
+        generations it serves with an error at once. A ``get`` meanwhile waits for the
+        unload to end, then loads a fresh copy: never two at once."""
         with self._lock:
-            res = self._models.pop(name, None)
-        if res is None:
-            return False
-        abort = getattr(res.model, "abort", None)
-        if not finish and callable(abort):
-            abort()  # its waiting tasks get "unloaded while generating" and leave the model
-        with res.usage.exclusive():  # never close a model a task is using: wait for it to finish
-            res.closed = True
-            close = getattr(res.model, "close", None)
-            if callable(close):
-                close()
-            res.model = None
+            was_quarantined = lift_quarantine and self.quarantine.pop(name, None) is not None
+            res = self._models.get(name)
+            if res is None:
+                return was_quarantined
+            busy = self._unloading.get(name)
+            if busy is None:
+                busy = self._unloading[name] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:  # another thread unloads it: wait for that
+            busy.wait()
+            return True
+        try:
+            abort = getattr(res.model, "abort", None)
+            if not finish and callable(abort):
+                abort()  # its waiting tasks get "unloaded while generating" and leave the model
+            with res.usage.exclusive():  # never close a model a task is using: wait for it to finish
+                res.closed = True
+                close = getattr(res.model, "close", None)
+                if callable(close):
+                    close()
+                res.model = None
+        finally:
+            with self._lock:
+                if self._models.get(name) is res:
+                    del self._models[name]
+                self._unloading.pop(name, None)
+            busy.set()
         del res
         gc.collect()
         self._empty_cuda_cache()
         logger.info("unloaded model %s", name)
         return True
+
+    # -- native crashes (workloads/backends/engine_proc.py) --------------------------------------
+    def _quarantine(self, name: str, spec: ModelConfig, crash: ModelCrashed) -> ModelCrashed:
+        """Keep ``name`` off this worker after its process crashed (until an unload or a new
+        config); the error names this worker."""
+        if crash.worker != str(self.worker.name):
+            crash = ModelCrashed(crash.model, str(self.worker.name), crash.signal, crash.frame, crash.library,
+                                 crash.detail, crash.during, crash.note)
+        with self._lock:
+            self.quarantine[name] = {"key": _spec_key(spec), "since": time.time(), "error": crash,
+                                     "signal": crash.signal, "frame": crash.frame, "library": crash.library,
+                                     "during": crash.during, "message": str(crash)}
+        logger.error("%s", crash)
+        return crash
+
+    def _crashed(self, name: str, spec: ModelConfig, crash: ModelCrashed) -> None:
+        """A resident model's engine process died of a native crash (its reader thread tells):
+        quarantine it now, so status shows it, and free what is left of it."""
+        self._quarantine(name, spec, crash)
+
+        def drop() -> None:
+            with self._lock:
+                res = self._models.get(name)
+            if res is not None and getattr(res.model, "crash", None) is not None:
+                self.unload(name, lift_quarantine=False)
+
+        threading.Thread(target=drop, name=f"aicluster-crashed-{name}", daemon=True).start()
+
+    def _check_quarantine(self, name: str, spec: ModelConfig) -> None:
+        q = self.quarantine.get(name)
+        if q is None:
+            return
+        if q["key"] != _spec_key(spec):  # its config changed: try it again
+            with self._lock:
+                self.quarantine.pop(name, None)
+            logger.info("model %s: its config changed, so its quarantine after a crash is lifted", name)
+            return
+        since = time.strftime("%H:%M:%S", time.localtime(q["since"]))
+        raise q["error"].with_note(f"(quarantined here since {since})")
 
     def metrics(self, worker=None) -> dict:
         a = self.assignment
@@ -408,6 +508,9 @@ class ModelHost(WorkerPlugin):
             "models": {n: r.info() for n, r in list(self._models.items())},
             "loading": list(self._loading),
             "loads": dict(self.load_counts),
+            "quarantined": {n: {k: v for k, v in q.items() if k not in ("error", "key")}
+                            for n, q in list(self.quarantine.items())},
+            "build": self.build,
             "bench": dict(self.bench),
             **self._shard_metrics(),
         }
@@ -442,7 +545,8 @@ class ModelHost(WorkerPlugin):
         if self.worker.status != Status.paused or self._evicting or self._closing:
             return
         with self._lock:
-            victim = next((n for n, r in self._models.items() if r.usage.users == 0 and n not in self._loading), None)
+            victim = next((n for n, r in self._models.items()
+                           if r.usage.users == 0 and n not in self._loading and n not in self._unloading), None)
         if victim is None:
             return
         self._evicting = True
@@ -517,9 +621,14 @@ class ModelHost(WorkerPlugin):
             measured, how = max((self._cuda_used() or 0) - (cuda0 or 0), 0), "GPU memory delta"
         else:
             measured, how = max(_rss() - rss0, 0), "RSS delta"
+        if hasattr(model, "worker"):
+            model.worker = str(self.worker.name)  # (its crashes name this worker)
+        if hasattr(model, "on_crash"):
+            model.on_crash = lambda err: self._crashed(name, spec, err)
         own = int(getattr(model, "nbytes", 0) or 0)  # weights the backend says it holds
         if own > measured:
-            measured, how = own, "weights size"
+            measured, how = own, ("engine process RSS" if getattr(model, "pid", None) and self.device == "cpu"
+                                  else "weights size")
         if plan:  # a split model's head holds its input layer here; its shards are held on their workers
             measured, how = own, "input layer (split model)"
         res = Resident(name=name, model=model, backend=spec.backend, nbytes=measured, measured_by=how, load_seconds=seconds)
@@ -571,6 +680,14 @@ class ModelHost(WorkerPlugin):
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _spec_key(spec: ModelConfig) -> str:
+    """What a model's quarantine is tied to: its backend, source and options."""
+    import json
+
+    opts = {k: v for k, v in spec.options.items() if k != "shard_plan"}
+    return json.dumps([spec.backend, spec.source, opts], sort_keys=True, default=str)
 
 
 def _rss() -> int:

@@ -16,6 +16,11 @@ TierGuard re-routes it when its worker is gone) and puts the old state back in t
 table, so the task's answer reaches the Futures the user holds. Submission and the swap run
 on the client's event loop, so no answer can arrive in between.
 
+A result the user already fetched (``result()``, ``gather``) is not computed again: the
+facade keeps a reference to the value it handed out while the future is held, and after the
+restart submits a task under the same key that returns that value, so the same future gives
+the same answer (at ``temperature > 0`` a second run would give other text).
+
 Not redone, and why:
 * a stream that already sent text (repeating it would corrupt what the reader has): it
   ends with ``SchedulerLost``;
@@ -116,6 +121,27 @@ class Redo:
         self._listeners: list[Callable[[list[Resubmitted]], None]] = []
         ref = weakref.ref(self)
         self._state_cls = type("RedoableState", (_RedoableState,), {"__slots__": (), "_redo": staticmethod(ref)})
+        #: key -> the value its result() handed out (while its recipe is held)
+        self._fetched: dict = {}
+        self._watch_gather(client)
+
+    def _watch_gather(self, client) -> None:
+        """Remember what tracked futures' ``result()`` / ``gather`` handed out. (distributed
+        has no hook for it; ``Client._gather`` is where every fetch goes, on this client only.)"""
+        gather = client._gather
+        ref = weakref.ref(self)
+
+        async def _gather(futures, *args, **kwargs):
+            out = await gather(futures, *args, **kwargs)
+            redo = ref()
+            if redo is not None and isinstance(futures, (list, tuple)) and isinstance(out, (list, tuple)):
+                for f, v in zip(futures, out):
+                    key = getattr(f, "key", None)
+                    if key is not None and key in redo._recipes and not isinstance(v, BaseException):
+                        redo._fetched[key] = v
+            return out
+
+        client._gather = _gather
 
     # -- recording --------------------------------------------------------------------------
     def can_redo(self, deps) -> bool:
@@ -142,6 +168,7 @@ class Redo:
             old.cleanup()
 
     def _forget(self, key) -> None:
+        self._fetched.pop(key, None)
         recipe = self._recipes.pop(key, None)
         with self._cv:
             self._waiting.pop(key, None)
@@ -246,10 +273,15 @@ class Redo:
             if recipe is None:  # (never left waiting)
                 self._set_error(state, SchedulerLost(f"job {key} was lost with the scheduler"))
                 continue
+            again = recipe.resubmit
+            if key in self._fetched:  # the user has its answer: that, not a new run
+                value = self._fetched[key]
+                again = lambda key=key, value=value: self.client.submit(_the, value, key=key, pure=False)  # noqa: E731
             token = object()
             self._swaps[key] = token
             try:
-                self._on_loop(lambda recipe=recipe, state=state, token=token: self._swap(recipe, state, token))
+                self._on_loop(lambda recipe=recipe, state=state, token=token, again=again:
+                              self._swap(recipe, state, token, again))
             except Exception as e:  # it cannot be submitted again: its waiters get the reason
                 logger.warning("could not submit %s again after the scheduler restarted: %s: %s", key,
                                type(e).__name__, e)
@@ -268,7 +300,7 @@ class Redo:
                 logger.warning("the scheduler restarted: %d job(s) lost with it were submitted again (%s)", len(done),
                                ", ".join(sorted({d.what for d in done}))[:300])
 
-    def _swap(self, recipe: _Recipe, state, token) -> None:
+    def _swap(self, recipe: _Recipe, state, token, resubmit: Callable | None = None) -> None:
         """On the event loop: submit again, and hand the new task's state to the old Futures."""
         key = state.key
         if self._swaps.get(key) is not token:
@@ -283,7 +315,7 @@ class Redo:
         if self.client.futures.get(key) is state:
             del self.client.futures[key]  # (else Client.submit would take it as already submitted)
         try:
-            f = recipe.resubmit()
+            f = (resubmit or recipe.resubmit)()
             if f.key != key:
                 raise RuntimeError(f"resubmitted under another key ({f.key} for {key})")
         except BaseException as e:  # its waiters get the reason
@@ -336,3 +368,8 @@ class Redo:
             return self.client.scheduler.address
         except Exception:
             return "?"
+
+
+def _the(value):
+    """A task that gives back a result the user had fetched before the scheduler restarted."""
+    return value

@@ -1,7 +1,8 @@
 """Scheduler preload: ``dask scheduler --preload cluster.scheduler``.
 
 Adds the TierGuard plugin (tasks never wait in ``no-worker``), ModelAffinity (model work
-where the model is resident, while it has room), the JobBoard (job list),
+where the model is resident, while it has room), the JobBoard (job list), the StreamHub
+(streamed text to its one client),
 the "AI models" dashboard
 page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus metrics.
 """
@@ -15,6 +16,7 @@ from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
 from .routing import ModelAffinity, TierGuard, WorkerEvents
+from .streams import StreamHub
 from .security import listen_addresses, warn_if_open
 
 # The dashboard's pages are read while the Scheduler is constructed, before preloads run;
@@ -42,6 +44,8 @@ async def setup_scheduler(scheduler, config=None, jobs_db: str | None = None) ->
         scheduler.add_plugin(WorkerEvents())
     if ModelAffinity.name not in scheduler.plugins:
         scheduler.add_plugin(ModelAffinity(prefer_resident=cfg.routing.prefer_resident))
+    if StreamHub.name not in scheduler.plugins:  # (a restarted scheduler has it before any client comes)
+        scheduler.add_plugin(StreamHub())
     if dashboard.HTTPStats.name not in scheduler.plugins:
         scheduler.add_plugin(dashboard.HTTPStats())
     dashboard.install(scheduler, tiers=cfg.tier_names)

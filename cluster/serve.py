@@ -35,7 +35,7 @@ from typing import Any, Literal, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import routing
 from .config import ConfigError
@@ -71,7 +71,10 @@ class APIError(Exception):
 
 
 def api_error(exc: BaseException) -> APIError:
-    """The HTTP answer for an exception of the facade or a worker."""
+    """The HTTP answer for an exception of the facade or a worker. Only input errors are
+    4xx; anything unexpected is a 500 whose error id is logged with its traceback."""
+    from workloads.backends import InputError, ModelCrashed
+
     from .jobs import JobCancelled, SchedulerLost
     from .plugin import ModelDoesNotFit
 
@@ -85,12 +88,15 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, msg, "service_unavailable", "model_does_not_fit")
     if name in ("ShardPlanError", "ShardServerError", "ShardLost"):  # a model split across workers
         return APIError(503, msg, "service_unavailable", "shard_unavailable")
+    if isinstance(exc, ModelCrashed):
+        return APIError(503, msg, "service_unavailable", "model_crashed")
     if isinstance(exc, ConfigError) and "unknown model" in msg:
         return APIError(404, msg.split(";")[0] + "; GET /v1/models lists the models", "invalid_request_error",
                         "model_not_found", "model")
     if name == "ContextTooLong":
         return APIError(400, msg, "invalid_request_error", "context_length_exceeded", "prompt")
-    if name in ("InputError", "WrongModelKind", "NoChatTemplate", "TextTooLong") or isinstance(exc, (ValueError, TypeError)):
+    if isinstance(exc, InputError) or name in ("InputError", "InputTypeError", "WrongModelKind", "NoChatTemplate",
+                                                "TextTooLong", "StreamCut"):
         return APIError(400, msg, "invalid_request_error")
     if isinstance(exc, SchedulerLost) or getattr(exc, "reason", None) == "scheduler-connection-lost":
         # (a request that had not streamed text yet is submitted again by the facade instead)
@@ -99,13 +105,49 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (JobCancelled, asyncio.CancelledError)) or name in ("CancelledError", "FutureCancelledError"):
         return APIError(409, "the job was cancelled on the cluster (aicluster cancel, or its client went away)",
                         "cancelled", "cancelled")
-    logger.error("request failed: %s: %s", name, msg)
-    return APIError(500, f"{name}: {msg}", "server_error")
+    if isinstance(exc, DisconnectedError):
+        return APIError(499, "the client closed the connection; its job was cancelled", "cancelled", "client_closed")
+    eid = uuid.uuid4().hex[:12]
+    logger.error("request failed [error id %s]: %s: %s", eid, name, msg,
+                 exc_info=(type(exc), exc, exc.__traceback__))
+    return APIError(500, f"internal error {eid} ({name}: {msg}); the server's log has its traceback under this id",
+                    "server_error", "internal_error")
 
 
-# -- request bodies (OpenAI's field names; unknown fields are ignored, as OpenAI's SDKs send more)
+class DisconnectedError(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+# -- request bodies (OpenAI's field names) ------------------------------------------------------
+#: OpenAI parameters this server does not implement, each with why: asked for, they get a 400
+#: that names them (never a 200 that ignored them). Unknown fields get one too, as OpenAI does.
+UNSUPPORTED = {
+    "tools": "tool calls: no model here has a tool-calling template",
+    "tool_choice": "tool calls: no model here has a tool-calling template",
+    "functions": "function calls: no model here has a tool-calling template",
+    "function_call": "function calls: no model here has a tool-calling template",
+    "parallel_tool_calls": "tool calls: no model here has a tool-calling template",
+    "echo": "echo of the prompt",
+    "suffix": "fill-in-the-middle suffixes",
+    "best_of": "best_of (use n and pick)",
+    "audio": "audio output", "modalities": "other modalities than text", "prediction": "predicted outputs",
+    "reasoning_effort": "reasoning models", "web_search_options": "web search",
+    "dimensions": "other embedding sizes than the model's",
+}
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for key in data:
+                if key in UNSUPPORTED and key not in cls.model_fields:
+                    raise APIError(400, f"parameter {key!r} is not supported by this server ({UNSUPPORTED[key]})",
+                                   param=key, code="unsupported_parameter")
+        return data
 
 
 class _Sampling(_Body):
@@ -116,12 +158,21 @@ class _Sampling(_Body):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, used for nothing
+    # accepted where they change nothing here
+    store: bool | None = None
+    metadata: dict | None = None
+    service_tier: str | None = None
 
 
 class CompletionRequest(_Sampling):
     model: str
     prompt: Union[str, list[str]]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
 class ChatRequest(_Sampling):
@@ -129,27 +180,35 @@ class ChatRequest(_Sampling):
     messages: list[dict]
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict | None = None
 
 
 class EmbeddingRequest(_Body):
     model: str
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
 
 
-class InferenceRequest(_Body):
+class _SeedBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # the seed's clients send what they like
+
+
+class InferenceRequest(_SeedBody):
     prompt: str
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     model: str | None = None
 
 
-class EmbedRequest(_Body):
+class EmbedRequest(_SeedBody):
     text: str
     model: str | None = None
 
 
-class EmbedBatchRequest(_Body):
+class EmbedBatchRequest(_SeedBody):
     texts: list[str]
     model: str | None = None
 
@@ -179,21 +238,35 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args, **kwargs))
 
     # -- limits --------------------------------------------------------------------------------
-    async def results(self, futures: list, what: str = "the request") -> list:
+    #: how often a waiting non-streamed request looks whether its client is still there
+    DISCONNECT_POLL = 0.25
+
+    async def results(self, futures: list, what: str = "the request", http: Request | None = None) -> list:
         """The futures' results within one ``server.request_timeout`` (else they are cancelled:
-        504). Waiting holds no thread: Dask's done callbacks wake the event loop."""
+        504). Waiting holds no thread: Dask's done callbacks wake the event loop. With the
+        ``http`` request: a client that hangs up cancels the jobs at once (their batch slots
+        and ``max_queue`` places free), not at the timeout."""
         loop = asyncio.get_running_loop()
         waits = []
         for f in futures:
             w = loop.create_future()
             f.add_done_callback(lambda _f, w=w: loop.call_soon_threadsafe(lambda: w.done() or w.set_result(None)))
             waits.append(w)
+        done = asyncio.ensure_future(asyncio.gather(*waits))
+        deadline = loop.time() + self.limits.request_timeout
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), self.limits.request_timeout)
-        except asyncio.TimeoutError:
-            self.cancel_soon(futures)
-            raise APIError(504, f"{what} took longer than server.request_timeout ({self.limits.request_timeout:g} s) "
-                                "and was cancelled", "timeout", "timeout") from None
+            while not done.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    self.cancel_soon(futures)
+                    raise APIError(504, f"{what} took longer than server.request_timeout "
+                                        f"({self.limits.request_timeout:g} s) and was cancelled", "timeout", "timeout")
+                await asyncio.wait([done], timeout=min(left, self.DISCONNECT_POLL if http is not None else left))
+                if http is not None and not done.done() and await http.is_disconnected():
+                    self.cancel_soon(futures)
+                    raise DisconnectedError(what)
+        finally:
+            done.cancel()
         return await self.run(lambda: [f.result() for f in futures])  # done: fetching only
 
     def cancel_soon(self, futures) -> None:
@@ -248,13 +321,14 @@ class Gateway:
         return ai._submit_generation(route, model, spec, params, prompt, messages=messages, kind=kind,
                                      stream_id=stream_id)
 
-    async def generate(self, model: str, params: dict, n: int, prompt=None, messages=None) -> list[dict]:
+    async def generate(self, model: str, params: dict, n: int, prompt=None, messages=None,
+                       http: Request | None = None) -> list[dict]:
         futures = []
         try:
             for i in range(n):
                 p = dict(params, seed=params["seed"] + i) if params.get("seed") is not None and n > 1 else params
                 futures.append(await self.run(self.submit, model, p, prompt, messages))
-            return await self.results(futures)
+            return await self.results(futures, http=http)
         finally:
             self.cancel_soon(futures)  # the ones not done: a timeout, an error, a client gone
 
@@ -306,7 +380,7 @@ class StreamRun:
         self.sent = [""] * n
 
     def open(self, i: int) -> str:
-        sid = uuid.uuid4().hex
+        sid = self.gw.ai.new_stream_id()
         self.gw.ai._open_stream(sid, lambda piece: self.loop.call_soon_threadsafe(self.events.put_nowait, (i, piece)))
         self.ids.append(sid)
         return sid
@@ -412,6 +486,28 @@ def route_of(request) -> str:
     return getattr(route, "path", None) or "(no route)"
 
 
+def _param_of(msg: str) -> str | None:
+    head = msg.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    return head if head.isidentifier() else None
+
+
+def _logprobs(r: dict, chat: bool):
+    """OpenAI's ``logprobs`` of a choice from the engine's rows (None when not asked)."""
+    rows = r.get("logprobs")
+    if rows is None:
+        return None
+    if chat:
+        return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"],
+                             "top_logprobs": t["top_logprobs"]} for t in rows], "refusal": None}
+    offsets, at = [], 0
+    for t in rows:
+        offsets.append(at)
+        at += len(t["token"])
+    return {"tokens": [t["token"] for t in rows], "token_logprobs": [t["logprob"] for t in rows],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in t["top_logprobs"]} for t in rows],
+            "text_offset": offsets}
+
+
 def _usage(results: list[dict]) -> dict:
     prompt = results[0]["prompt_tokens"] if results else 0
     completion = sum(r["completion_tokens"] for r in results)
@@ -451,7 +547,13 @@ def create_app(gateway: Gateway):
         errs = exc.errors()
         first = errs[0] if errs else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errs)
+        def say(e) -> str:
+            where = ".".join(str(p) for p in e.get("loc", ())[1:]) or "body"
+            if e.get("type") == "extra_forbidden":  # as OpenAI answers an unknown argument
+                return f"unrecognized request argument {where!r}: this server does not know it"
+            return f"{where}: {e.get('msg')}"
+
+        msg = "; ".join(say(e) for e in errs)
         gw.report(route_of(request), None, 400, 0.0)
         return JSONResponse(APIError(400, msg or "invalid request", param=param).body(), status_code=400)
 
@@ -496,11 +598,25 @@ def create_app(gateway: Gateway):
     def sampling(req, max_tokens: int) -> dict:
         from .client import _sampling
 
+        extra = {}
+        if isinstance(req, _Sampling):
+            extra = dict(presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                         logit_bias=req.logit_bias)
+        if isinstance(req, ChatRequest):
+            extra["response_format"] = req.response_format
+            if req.logprobs:
+                extra["logprobs"] = req.top_logprobs or 0
+            elif req.top_logprobs is not None:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        elif isinstance(req, CompletionRequest) and req.logprobs is not None:
+            extra["logprobs"] = req.logprobs
+        if getattr(req, "stream", False) and "logprobs" in extra:
+            raise APIError(400, "logprobs with stream is not supported here; ask without stream", param="logprobs")
         try:
             return _sampling(max_tokens, req.temperature, getattr(req, "top_p", 1.0), getattr(req, "stop", None),
-                             getattr(req, "seed", None))
+                             getattr(req, "seed", None), **extra)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=_param_of(str(e))) from None
 
     # -- OpenAI ---------------------------------------------------------------------------------
     @app.get("/v1/models", dependencies=authed)
@@ -510,21 +626,24 @@ def create_app(gateway: Gateway):
         for name, spec in gw.cfg.models.items():
             data.append({"id": name, "object": "model", "created": int(gw.started), "owned_by": "aicluster",
                          "kind": gw.kind(name), "backend": spec.backend, "tier": spec.tier,
-                         "resident_on": [r["name"] for r in rows if name in r["models"]]})
+                         "resident_on": [r["name"] for r in rows if name in r["models"]],
+                         # crashed there (native code): not served there until unloaded
+                         "quarantined_on": {r["name"]: r["quarantined"][name]["message"] for r in rows
+                                            if name in (r.get("quarantined") or {})}})
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", dependencies=authed)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request (a list of several is not supported here)", param="prompt")
         params = sampling(req, req.max_tokens or 16)
-        return await respond("/v1/completions", req, params, prompt=prompts[0])
+        return await respond("/v1/completions", req, params, prompt=prompts[0], http=http)
 
     @app.post("/v1/chat/completions", dependencies=authed)
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, http: Request):
         params = sampling(req, req.max_completion_tokens or req.max_tokens or limits.default_max_tokens)
-        return await respond("/v1/chat/completions", req, params, messages=req.messages)
+        return await respond("/v1/chat/completions", req, params, messages=req.messages, http=http)
 
     def generation_model(model: str) -> None:
         try:
@@ -534,19 +653,20 @@ def create_app(gateway: Gateway):
         if kind != "generate":
             raise APIError(400, f"model {model!r} is an embedding model; use /v1/embeddings", param="model")
 
-    async def respond(route: str, req, params: dict, prompt=None, messages=None):
+    async def respond(route: str, req, params: dict, prompt=None, messages=None, http: Request | None = None):
         chat = messages is not None
         generation_model(req.model)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if not req.stream:
-            results = await answer(route, req.model, lambda: gw.generate(req.model, params, req.n, prompt, messages),
+            results = await answer(route, req.model,
+                                   lambda: gw.generate(req.model, params, req.n, prompt, messages, http=http),
                                    n=req.n, tokens=lambda rs: sum(r["completion_tokens"] for r in rs),
                                    ttft=lambda rs: rs[0].get("time_to_first_token"))
             choices = []
             for i, r in enumerate(results):
-                c = {"index": i, "finish_reason": _finish(r["finish_reason"]), "logprobs": None}
+                c = {"index": i, "finish_reason": _finish(r["finish_reason"]), "logprobs": _logprobs(r, chat)}
                 if chat:
                     c["message"] = {"role": "assistant", "content": r["text"]}
                 else:
@@ -632,22 +752,23 @@ def create_app(gateway: Gateway):
         if not all(isinstance(t, str) for t in texts):
             raise APIError(400, "input must be text (a string or a list of strings), not token ids; with LangChain's "
                                 "OpenAIEmbeddings set check_embedding_ctx_length=False", param="input")
-        vecs = await answer("/v1/embeddings", req.model, lambda: embed(req.model, texts))
+        out = await answer("/v1/embeddings", req.model, lambda: embed(req.model, texts, count=True))
+        vecs = out["embeddings"]
         data = []
         for i, v in enumerate(vecs):
             emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        n_tokens = sum(len(t.split()) for t in texts)  # OpenAI counts tokens; words are close enough for usage
+        n_tokens = sum(b["tokens"] for b in out["batches"])  # the model's tokens, as OpenAI counts
         return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
-    async def embed(model: str, texts: list[str]):
-        f = await gw.run(gw.ai.embed, texts, model=model)
+    async def embed(model: str, texts: list[str], count: bool = False):
+        f = await gw.run(gw.ai.embed, texts, model=model, details=count, count_tokens=count)
         try:
-            (vecs,) = await gw.results([f], "the embedding")
+            (out,) = await gw.results([f], "the embedding")
         finally:
             gw.cancel_soon([f])
-        return vecs
+        return out
 
     # -- the seed's routes ------------------------------------------------------------------------
     @app.post("/inference", dependencies=authed)

@@ -614,6 +614,19 @@ class ShardServer:
         except Exception:
             return 0
 
+    def cpu_state(self) -> tuple[float | None, str | None]:
+        """(CPU seconds the server has used, its process state): a head that hears nothing
+        from its servers asks whether they still work (``llama_head._check_stall``)."""
+        try:
+            import psutil
+
+            p = psutil.Process(self.proc.pid)
+            with p.oneshot():
+                t = p.cpu_times()
+                return t.user + t.system, p.status()
+        except Exception:
+            return None, None
+
     def cached_bytes(self) -> int:
         try:
             return sum(e.stat().st_size for e in os.scandir(self.cache_dir) if e.is_file() and e.name != "server.log")
@@ -623,7 +636,9 @@ class ShardServer:
     def info(self) -> dict:
         restarting = (not self.alive and self._thread is not None and self._thread.is_alive()
                       and not self._stop.is_set())  # died, and its supervisor starts it again
+        cpu, state = self.cpu_state() if self.alive else (None, None)
         return {"endpoint": self.endpoint, "device": self.device, "alive": self.alive, "restarting": restarting,
+                "cpu": cpu, "state": state,
                 "pid": self.proc.pid if self.proc else None,
                 "started": self.started, "restarts": self.restarts, "connected": self.connected(), "rss": self.rss(),
                 "cached": self.cached_bytes(), "last_error": self.last_error}
@@ -788,6 +803,44 @@ def hold(client, p: ShardPlan) -> None:
         client.run(_hold, p.model, part.nbytes, workers=[part.worker])
 
 
+class _Plans:
+    """A client's plans of split models not yet reported by their heads: concurrent first
+    requests wait for one plan (one client.run on every worker, one GGUF header read) and
+    all get it, instead of each making its own and the head loading, unloading and loading
+    again as the splits differ."""
+
+    #: a plan the head has not reported for this long is made again
+    FRESH = 300.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.locks: dict[str, threading.Lock] = {}
+        self.plans: dict[str, tuple[ShardPlan, float]] = {}
+
+    def lock_for(self, model: str) -> threading.Lock:
+        with self.lock:
+            return self.locks.setdefault(model, threading.Lock())
+
+
+def _plans_of(ai) -> _Plans:
+    plans = ai.__dict__.get("_shard_plans")
+    if plans is None:
+        plans = ai.__dict__.setdefault("_shard_plans", _Plans())
+    return plans
+
+
+def _head_state(workers: dict, model: str) -> str | None:
+    """"healthy", "broken" or "loading" as the heads' heartbeats report ``model``; None."""
+    for w in workers.values():
+        host = (w.get("metrics") or {}).get("aicluster") or {}
+        m = (host.get("models") or {}).get(model) or {}
+        if m.get("shard"):
+            return "healthy" if m["shard"].get("healthy", True) else "broken"
+        if model in (host.get("loading") or []):
+            return "loading"
+    return None
+
+
 def route_for(ai, model: str, spec, parallel: int):
     """``(spec with its plan, Route to the head)`` for a split model: the head that holds
     it now, or a new plan (held on its workers) that the head loads on first use."""
@@ -795,17 +848,27 @@ def route_for(ai, model: str, spec, parallel: int):
 
     from . import routing
 
-    workers = ai._workers()
-    p = current_plan(workers, model)
+    cache = _plans_of(ai)
     named = spec.shard_workers
-    if p is None or p.head not in workers or (named and [x.name for x in p.parts] != named
-                                              and [x.worker for x in p.parts] != named):
-        p = plan_for(ai, model)  # the head holds the parts' bytes on their workers when it loads
+    with cache.lock_for(model):
+        workers = ai._workers()
+        p = current_plan(workers, model)
+        state = _head_state(workers, model)
+        if p is None and state in (None, "loading") and model in cache.plans:
+            # planned by an earlier request whose head has not reported it yet: the same plan
+            cached, when = cache.plans[model]
+            if time.monotonic() - when < cache.FRESH and all(part.worker in workers for part in cached.parts):
+                p = cached
+        if p is None or p.head not in workers or (named and [x.name for x in p.parts] != named
+                                                  and [x.worker for x in p.parts] != named):
+            p = plan_for(ai, model)  # the head holds the parts' bytes on their workers when it loads
+            cache.plans[model] = (p, time.monotonic())
+        elif state == "healthy":
+            cache.plans.pop(model, None)  # the head reports it: its heartbeat is the truth now
     tier = next(part.tier for part in p.parts if part.worker == p.head)
     route = routing.Route(tier=tier, chain=[tier], workers=[p.head], tier_workers=[p.head], model=model)
     route = replace(route, amount=routing.slot_share(parallel))
     return spec.model_copy(update={"options": {**spec.options, "shard_plan": p.to_dict()}}), route
-
 
 
 def load_model(ai, model: str, progress: bool = True) -> dict:

@@ -51,6 +51,9 @@ def worker_rows(workers: dict, tiers=()) -> list[dict]:
             "used": host.get("used", 0),
             "models": host.get("models", {}),
             "loading": host.get("loading", []),
+            # models whose native code crashed here: not loaded again until unloaded or changed
+            "quarantined": host.get("quarantined", {}),
+            "build": host.get("build", {}),
             "bench": host.get("bench", {}),
             "shard_server": host.get("shard_server"),
             "shards": host.get("shards", {}),
@@ -137,4 +140,8 @@ def format_models(rows: list[dict]) -> str:
             )
         for name in r["loading"]:
             lines.append(f"  {r['name']:<16} {name:<14} loading...")
+        for name, q in (r.get("quarantined") or {}).items():
+            where = f" in {q['frame']}" if q.get("frame") else ""
+            lines.append(f"  {r['name']:<16} {name:<14} QUARANTINED: crashed ({q.get('signal') or 'killed'}{where}) while "
+                         f"{q.get('during', 'generating')}; ai.unload({name!r}) lifts it")
     return "resident models:\n" + "\n".join(lines) if lines else ""

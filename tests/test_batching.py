@@ -147,7 +147,7 @@ def test_requests_join_the_running_batch_on_one_worker(one_worker):
     assert sum(start < first_end for start, _ in spans.values()) >= 4  # decoded side by side
 
     def active(dask_worker):
-        return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.engine.max_active
+        return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.stats()["max_active"]
 
     assert ai.client.run(active, workers=[res[0]["address"]])[res[0]["address"]] >= 4
 
@@ -234,7 +234,7 @@ def test_rerouted_generations_keep_their_share_of_the_slot():
             return dask_scheduler.plugins["aicluster-tier-guard"].rerouted
 
         def active(dask_worker):
-            return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.engine.max_active
+            return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.stats()["max_active"]
 
         n = ai.client.run_on_scheduler(moved)  # (one may have finished on pc1 before it left)
         assert n >= 2 and sum(r["worker"] == "pc2" for r in res) == n

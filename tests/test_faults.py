@@ -44,10 +44,10 @@ def _empty() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
+def _rss(dask_worker=None) -> int:
+    """The memory Dask's thresholds compare: the worker process and its models' engine
+    processes (ModelHost counts those in, cluster/plugin.py)."""
+    return dask_worker.monitor.get_process_memory()
 
 
 def _evictions(dask_worker=None) -> list:

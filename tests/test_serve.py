@@ -288,7 +288,7 @@ def test_a_client_that_goes_away_frees_the_worker(server, ai):
     conn.close()
 
     def active(dask_worker):
-        return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.engine.active()
+        return dask_worker.plugins["aicluster-modelhost"]._models["gemma-270m"].model.stats()["active"]
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and sum(ai.client.run(active, workers=ai.live_tiers()["VRAM12"]).values()):

@@ -14,11 +14,19 @@ def embed_task(texts: list[str], model: str, spec, params: dict, offset: int = 0
     t0 = time.perf_counter()
     # a text longer than the model reads is refused before this task waits for the model
     precheck(spec, texts, model, truncate=params.get("truncate", False), first_index=offset)
+    params = dict(params)
+    count = params.pop("count_tokens", False)
     with host.acquire(model, spec) as m:
         if getattr(m, "kind", "embed") != "embed":
             raise WrongModelKind(f"model {model!r} generates text; it cannot embed")
         vectors = m.encode(texts, offset=offset, **params)
-    return {"offset": offset, "embeddings": vectors, "n": len(texts), "seconds": time.perf_counter() - t0, **where(host, worker)}
+        # the tokens the model read (a text cut by truncate counts what was read)
+        tokens = sum(min(n, m.max_seq_length) for n in m.count_tokens(texts)) if count else None
+    out = {"offset": offset, "embeddings": vectors, "n": len(texts), "seconds": time.perf_counter() - t0,
+           **where(host, worker)}
+    if tokens is not None:
+        out["tokens"] = tokens
+    return out
 
 
 def concat_task(parts: list[dict], single: bool = False, details: bool = False):

@@ -1,25 +1,36 @@
 """Text generation tasks: run on a worker, with the model the worker keeps resident."""
 from __future__ import annotations
 
+import logging
 import time
 
 from distributed import secede
 from distributed.core import Status
 
 from ._host import host_and_worker, where
-from .backends import WrongModelKind, chat_prompt, precheck
+from .backends import ModelCrashed, WrongModelKind, chat_prompt, precheck
+from .streaming import StreamSender
+
+logger = logging.getLogger("workloads.llm")
+
+
+class StreamCut(RuntimeError):
+    """A stream whose earlier run sent text cannot be continued by this model's backend."""
 
 
 def generate_task(prompt: str | None, model: str, spec, params: dict, index: int | None = None,
-                  topic: str | None = None, stream_id: str | None = None, task_priority: int = 0,
-                  messages: list[dict] | None = None) -> dict:
+                  stream_id: str | None = None, task_priority: int = 0, messages: list[dict] | None = None,
+                  crash_retry: bool = True) -> dict:
     """Generate for one prompt (or chat ``messages``, formatted here with the model's chat
-    template); ``topic`` streams ``(stream_id, piece)`` worker events; ``task_priority``
-    (the Dask priority it was submitted with) orders requests waiting for a slot of the
-    model's batch."""
+    template). ``stream_id``: pieces go to the scheduler's stream hub
+    (``workloads/streaming.py``); a run after a lost worker continues the text the stream
+    sent already. ``task_priority`` (the Dask priority it was submitted with) orders requests
+    waiting for a slot of the model's batch. ``crash_retry``: when the model crashes here
+    (``ModelCrashed``), try it once on a worker with another build or device."""
     host, worker = host_and_worker()
     t0 = time.perf_counter()
     loads_before = host.load_counts.get(model, 0)
+    key = worker.get_current_task()
     if messages is not None:
         formatted = chat_prompt(spec, messages, model)  # from the vocabulary, when the file is here
         if formatted is not None:
@@ -28,37 +39,56 @@ def generate_task(prompt: str | None, model: str, spec, params: dict, index: int
     # a prompt over the context is refused before this task waits for (or loads) the model,
     # when the model file is here already; otherwise once the model is loaded
     checked = prompt is not None and precheck(spec, [prompt], model, params["max_tokens"], index)
-    with host.acquire(model, spec) as m:
-        acquired = time.perf_counter()
-        if getattr(m, "kind", "generate") != "generate":
-            raise WrongModelKind(f"model {model!r} is an embedding model; it cannot generate text")
-        if prompt is None:
-            prompt, chat_stops = m.chat_prompt(messages)
-            params = {**params, "stop": list(params.get("stop") or []) + chat_stops}
-        if not checked:
-            m.check_fits(prompt, params["max_tokens"], index)
-        on_token = (lambda piece: worker.log_event(topic, (stream_id, piece))) if topic else None
-        key = worker.get_current_task()
-        should_stop = lambda: host.is_cancelled(key)  # noqa: E731
-        if getattr(m, "concurrent", False):
-            # the request joins the model's running batch; this task then leaves its worker
-            # thread (secede), so the worker starts the next generation task at once: the
-            # tier resource each takes (a fraction, see cluster.routing) bounds how many
-            req = m.submit(prompt, on_token=on_token, should_stop=should_stop, priority=task_priority, **params)
-            # Not while the worker closes: its thread pool's shutdown holds the lock that
-            # secede() takes while it joins the pool's threads, this one included (distributed
-            # 2026.8), and the close would hang for its whole timeout.
-            if worker.status == Status.running:
-                secede()
-            out = req.wait()
-        else:
-            out = m.generate(prompt, on_token=on_token, should_stop=should_stop, **params)
+    sender = StreamSender(worker, stream_id) if stream_id else None
+    prior = sender.start() if sender is not None else None
+    seceded = False
+    try:
+        with host.acquire(model, spec) as m:
+            acquired = time.perf_counter()
+            if getattr(m, "kind", "generate") != "generate":
+                raise WrongModelKind(f"model {model!r} is an embedding model; it cannot generate text")
+            if prompt is None:
+                prompt, chat_stops = m.chat_prompt(messages)
+                params = {**params, "stop": list(params.get("stop") or []) + chat_stops}
+            if not checked:
+                m.check_fits(prompt, params["max_tokens"], index)
+            extra: dict = {}
+            if sender is not None:
+                if prior["text"] or prior["ids"]:
+                    if not getattr(m, "can_resume", False):
+                        raise StreamCut(f"the stream was cut: its worker was lost after it had sent text, and model "
+                                        f"{model!r} ({spec.backend}) cannot continue a generation; generate again")
+                    extra["resume"] = prior
+                if getattr(m, "can_resume", False):
+                    extra["on_piece"] = sender.send
+                else:
+                    extra["on_token"] = lambda piece: sender.send(piece, [])
+            should_stop = lambda: host.is_cancelled(key)  # noqa: E731
+            if getattr(m, "concurrent", False):
+                # the request joins the model's running batch; this task then leaves its worker
+                # thread (secede), so the worker starts the next generation task at once: the
+                # tier resource each takes (a fraction, see cluster.routing) bounds how many
+                req = m.submit(prompt, should_stop=should_stop, priority=task_priority, **extra, **params)
+                # Not while the worker closes: its thread pool's shutdown holds the lock that
+                # secede() takes while it joins the pool's threads, this one included (distributed
+                # 2026.8), and the close would hang for its whole timeout.
+                if worker.status == Status.running:
+                    secede()
+                    seceded = True
+                out = req.wait()
+            else:
+                out = m.generate(prompt, should_stop=should_stop, **extra, **params)
+    except ModelCrashed as crash:
+        if not crash_retry:
+            raise
+        return _retry_elsewhere(crash, host, worker, key, (prompt, model, spec, params, index, stream_id,
+                                                           task_priority, messages), seceded)
     if out["finish_reason"] == "cancelled":
         # the client has let go of this task; say how far it got, for the job board and tests
         worker.log_event("aicluster-cancelled", {"key": str(key), "model": model,
                                                  "completion_tokens": out["completion_tokens"]})
-    if topic:
-        worker.log_event(topic, (stream_id, None))  # end of stream
+    if sender is not None:
+        sender.send(None)  # end of stream
     out.update(where(host, worker))
     if messages is not None:
         out["message"] = {"role": "assistant", "content": out["text"]}
@@ -67,6 +97,51 @@ def generate_task(prompt: str | None, model: str, spec, params: dict, index: int
     secs = out["generate_seconds"]
     out["tokens_per_second"] = out["completion_tokens"] / secs if secs > 0 else None
     return out
+
+
+def _retry_elsewhere(crash: ModelCrashed, host, worker, key, args: tuple, seceded: bool) -> dict:
+    """Run the generation once more on a worker that differs from this one (another llama.cpp
+    build, CPU or device) and has not quarantined the model; else raise the crash. A native
+    crash tried on every worker in turn took each one down (the same build crashes the same
+    way)."""
+    from distributed import get_client
+
+    model, spec = args[1], args[2]
+    client = get_client()
+    chain = host.config.fallback_chain(spec.tier)
+    ts = worker.state.tasks.get(key)
+    amount = max((ts.resource_restrictions or {}).values(), default=1) if ts is not None else 1
+    mine = _fingerprint(host.build)
+    target = None
+    for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
+        h = (w.get("metrics") or {}).get("aicluster") or {}
+        tier = next((t for t in chain if (w.get("resources") or {}).get(t, 0) > 0), None)
+        if addr == worker.address or tier is None or model in (h.get("quarantined") or {}):
+            continue
+        if _fingerprint(h.get("build") or {}) != mine:
+            target = (addr, tier)
+            break
+    if target is None:
+        raise crash.with_note("It was not tried elsewhere: no other worker of its tiers has another llama.cpp "
+                              "build, CPU or device") from None
+    addr, tier = target
+    logger.warning("%s; trying it once on %s, which has another build or device", crash, addr)
+    prompt, model, spec, params, index, stream_id, task_priority, messages = args
+    f = client.submit(generate_task, prompt, model, spec, params, index, stream_id, task_priority, messages,
+                      crash_retry=False, key=f"{key}-after-crash", workers=[addr], resources={tier: amount},
+                      allow_other_workers=False, pure=False, priority=task_priority)
+    if not seceded and worker.status == Status.running:
+        secede()  # (its thread waits; the worker runs other tasks meanwhile)
+    try:
+        out = f.result()
+    except ModelCrashed as again:
+        raise again.with_note(f"It crashed on {crash.worker} first ({crash.signal}), then here") from None
+    out["retried_after_crash"] = {"worker": crash.worker, "signal": crash.signal, "frame": crash.frame}
+    return out
+
+
+def _fingerprint(build: dict) -> tuple:
+    return (build.get("llama"), build.get("cpu"), build.get("device"))
 
 
 def load_task(model: str, spec) -> dict:

@@ -8,12 +8,51 @@
 * transformers: the tokenizer's ``apply_chat_template``.
 
 Each gives the prompt and the strings that end the assistant's turn (added to the stops).
+
+Messages' text is never read as special tokens: a user who writes ``<start_of_turn>model``
+gets those characters, not a turn marker. The rendered prompt marks each message's text
+with two private-use characters (``TEXT_OPEN`` ... ``TEXT_CLOSE``); ``tokenize_prompt``
+reads the template's own parts with special tokens and the marked parts as plain text.
+(llama.cpp's server tokenizes the whole rendered prompt with special tokens on.)
 """
 from __future__ import annotations
 
 from . import InputError
 
-__all__ = ["llama_chat_prompt", "chat_formats", "NoChatTemplate"]
+__all__ = ["llama_chat_prompt", "chat_formats", "NoChatTemplate", "tokenize_prompt", "TEXT_OPEN", "TEXT_CLOSE"]
+
+#: around a message's text in a rendered chat prompt (Unicode private use: no model's text)
+TEXT_OPEN, TEXT_CLOSE = "\ue000", "\ue001"
+
+
+def _plain(text: str) -> str:
+    """A message's text, marked as text (markers already in it are dropped)."""
+    return TEXT_OPEN + text.replace(TEXT_OPEN, "").replace(TEXT_CLOSE, "") + TEXT_CLOSE
+
+
+def tokenize_prompt(vocab_model, text: str, add_bos: bool = True) -> list[int]:
+    """Token ids of a prompt: special tokens are parsed, except in marked message text."""
+    if TEXT_OPEN not in text:
+        return vocab_model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+    parts: list[tuple[str, bool]] = []  # (chunk, parse special tokens)
+    rest = text
+    while rest:
+        head, opened, tail = rest.partition(TEXT_OPEN)
+        if head:
+            parts.append((head.replace(TEXT_CLOSE, ""), True))
+        if not opened:
+            break
+        body, _, rest = tail.partition(TEXT_CLOSE)  # an open marker never closed: the rest is text
+        if body:
+            parts.append((body, False))
+    ids: list[int] = []
+    for k, (chunk, special) in enumerate(parts):
+        ids += vocab_model.tokenize(chunk.encode("utf-8"), add_bos=add_bos and k == 0, special=special)
+    return ids
+
+
+def strip_markers(text: str) -> str:
+    return text.replace(TEXT_OPEN, "").replace(TEXT_CLOSE, "")
 
 
 class NoChatTemplate(InputError):
@@ -37,6 +76,7 @@ def llama_chat_prompt(vocab_model, messages: list[dict], chat_format: str | None
     vocabulary alone). The prompt does not start with the BOS text: the tokenizer adds it.
     """
     meta = vocab_model.metadata()
+    messages = [{**m, "content": _plain(m["content"])} for m in messages]
     bos = vocab_model.token_get_text(vocab_model.token_bos())
     eos = vocab_model.token_get_text(vocab_model.token_eos())
     template = meta.get("tokenizer.chat_template")

@@ -13,11 +13,22 @@ running batch as they arrive and leave it the token they finish.
   with its own seed), stop strings, streaming callback and cancel flag.
 * A finished sequence frees its slot at once but keeps its KV cells: a new request whose
   prompt starts with the same tokens (the next turn of a chat, prompts with one system
-  prompt) is placed in that slot and its prefill starts after the shared prefix. A request
-  that arrives when nothing is decoding clears the other idle slots' cells, so that it
-  computes exactly as in a fresh single-sequence context.
-* KV cells: ``n_ctx`` per sequence x ``parallel`` in all, so every sequence can always use
-  its whole context; a lone request gets exactly the tokens a single-sequence context gives.
+  prompt) is placed in that slot and its prefill starts after the shared prefix. Slots keep
+  their prefixes across users, least recently used given away first, so users A, B, C, D
+  taking turns each find their conversation still cached.
+* KV cells: one stream of ``n_ctx`` cells per sequence (``kv_unified=False``), so every
+  sequence can always use its whole context, and what other slots hold never changes how a
+  sequence is computed: a lone request gets exactly the tokens a single-sequence context
+  gives, whatever is cached beside it. (A unified cache decodes large batches a few per cent
+  faster, but places a new sequence's cells after the others', which changes the order of
+  its attention sums; ``options.kv_unified: true`` turns it on, and then an idle engine
+  clears the other slots before a lone request, as before.)
+* A request may continue a generation that produced tokens elsewhere (a stream whose
+  worker died). Greedy: the tokens are fed back one step at a time after the prompt
+  (``forced``), the very computation the first run made, so the rest of the text is the
+  uninterrupted run's (a prefill of prompt and tokens in one batch rounds differently and
+  can change a greedy choice at a near-tie). Sampled: prompt and tokens are one prefill
+  (``n_prior``). Either way it goes on with the same text, counts and stop strings.
 
 Why by hand: llama-cpp-python (0.3.x) has no batched or multi-sequence generation, and its
 server module is a separate process with its own HTTP API. Nothing here knows about Dask.
@@ -50,6 +61,21 @@ class Request:
     on_token: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] | None = None
     priority: int = 0
+    #: ``on_piece(text, ids)``: each streamed piece with the token ids it came from
+    on_piece: Callable[[str, list[int]], None] | None = None
+    #: OpenAI's sampling parameters that llama.cpp samplers implement
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    #: a GBNF grammar the output must follow (response_format json_object / json_schema)
+    grammar: str | None = None
+    #: log-probabilities of each chosen token, with this many alternatives (None: off)
+    logprobs: int | None = None
+    #: a continued generation (see the module docstring): tokens produced elsewhere at the end
+    #: of ``prompt_ids`` (they count as output), or to feed back one step at a time
+    n_prior: int = 0
+    forced: list[int] = field(default_factory=list)
+    continued: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     result: dict | None = None
     error: BaseException | None = None
@@ -62,6 +88,8 @@ class Request:
     emitted: int = 0
     pending: int | None = None   # a sampled token not yet fed back
     finish: str = "length"
+    ids_sent: int = 0            # out_ids handed to on_piece so far
+    token_logprobs: list = field(default_factory=list)
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float | None = None
     t_first: float | None = None
@@ -101,10 +129,12 @@ class BatchEngine:
         Tokens per ``llama_decode`` call (prefill chunk), as llama-cpp-python's default.
     min_reuse
         Shortest cached prefix worth reusing, in tokens.
+    kv_unified
+        One KV cache for every sequence (see the module docstring); default one per sequence.
     """
 
     def __init__(self, model, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1, n_batch: int = 512,
-                 n_ubatch: int = 512, name: str = "model", min_reuse: int = 32):
+                 n_ubatch: int = 512, name: str = "model", min_reuse: int = 32, kv_unified: bool = False):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
 
@@ -116,13 +146,15 @@ class BatchEngine:
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = parallel
-        params.kv_unified = True  # a lone request may use any cell; every sequence fits its n_ctx
+        params.kv_unified = kv_unified  # (see the module docstring); every sequence fits its n_ctx
+        self.kv_unified = kv_unified
         params.n_threads = n_threads  # the defaults are 4 (notes: set both)
         params.n_threads_batch = n_threads
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(flash_attn=False)
         self.ctx = LlamaContext(model=model, params=params, verbose=False)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.vocab = model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.slots = [_Slot(seq=i) for i in range(parallel)]
         self._waiting: list = []  # heap of (-priority, arrival, request)
@@ -217,10 +249,10 @@ class BatchEngine:
         slot whose cached tokens share the longest prefix with its prompt (``min_reuse`` at
         least), else to the empty slot with the lowest number, else to the slot idle longest.
 
-        When nothing is decoding, the slots no waiting request reuses are cleared first: a
-        batch that starts on an idle engine starts from the same state whatever ran before,
-        so the same requests submitted together give the same tokens, and a lone request
-        computes exactly as in a fresh single-sequence context.
+        With a unified KV cache, when nothing is decoding, the slots no waiting request
+        reuses are cleared first, so that a lone request computes exactly as in a fresh
+        single-sequence context (one stream per sequence needs no clearing: see the module
+        docstring).
         """
         if not self._waiting:
             return
@@ -240,7 +272,7 @@ class BatchEngine:
             if best is not None and reuse(best, req):
                 chosen[k] = (best, reuse(best, req))
                 free.remove(best)
-        if not self.active():
+        if self.kv_unified and not self.active():
             for s in free:  # (cells a cancelled prefill left are not in `cached`: clear them all)
                 self.lib.llama_memory_seq_rm(self.memory, s.seq, -1, -1)
                 s.cached = []
@@ -258,23 +290,46 @@ class BatchEngine:
             slot.request, req.slot = req, slot
             req.fed = req.reused = keep
             req.t_start = time.perf_counter()
-            req.sampler = self._sampler(req)
+            try:
+                req.sampler = self._sampler(req)
+            except ValueError as e:  # a grammar llama.cpp refuses: this request alone fails
+                req.error = e
+                self._release(req)
         self.max_active = max(self.max_active, self.active())
 
     def _sampler(self, req: Request):
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda smpl: lib.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        if req.logit_bias:
+            arr = (lib.llama_logit_bias * len(req.logit_bias))(
+                *[lib.llama_logit_bias(int(t), float(b)) for t, b in req.logit_bias.items()])
+            add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(req.logit_bias), arr))
+        if req.presence_penalty or req.frequency_penalty:
+            # OpenAI's penalties: over the text generated so far (llama.cpp's sampler sees each
+            # token it samples); 64 tokens back, as llama.cpp's server defaults
+            add(lib.llama_sampler_init_penalties(self.n_vocab, 64, 1.0, float(req.frequency_penalty),
+                                                 float(req.presence_penalty)))
+        if req.grammar:
+            g = lib.llama_sampler_init_grammar(self.vocab, req.grammar.encode("utf-8"), b"root")
+            if not g:
+                lib.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar made from response_format")
+            add(g)
         if req.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            add(lib.llama_sampler_init_greedy())
         else:
             # the chain llama-cpp-python's Llama.generate builds with this project's settings
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(40))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_typical(1.0, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(req.top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(0.0, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(req.temperature))
+            add(lib.llama_sampler_init_top_k(40))
+            add(lib.llama_sampler_init_typical(1.0, 1))
+            add(lib.llama_sampler_init_top_p(req.top_p, 1))
+            add(lib.llama_sampler_init_min_p(0.0, 1))
+            add(lib.llama_sampler_init_temp(req.temperature))
             seed = lib.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+            add(lib.llama_sampler_init_dist(seed))
+        for tok in req.prompt_ids[len(req.prompt_ids) - req.n_prior:]:
+            lib.llama_sampler_accept(chain, tok)  # a continued generation: penalties, grammar state
+        # (forced tokens are accepted as they are fed back)
         return chain
 
     def _cancelled(self, r: Request) -> bool:
@@ -334,13 +389,42 @@ class BatchEngine:
         for i, r in sample_at:
             if r.pending is None and r.t_prefill is None:
                 r.t_prefill = now - r.t_start
+            if r.forced:  # a continued generation replays what it had produced (already sent)
+                tok = r.forced.pop(0)
+                self.lib.llama_sampler_accept(r.sampler, tok)
+                if r.pending is not None:
+                    r.slot.cached.append(r.pending)
+                else:
+                    r.slot.cached = list(r.prompt_ids)
+                r.out_ids.append(tok)
+                r.ids_sent = len(r.out_ids)
+                r.pending = tok
+                continue
             tok = self.lib.llama_sampler_sample(r.sampler, self.ctx.ctx, i)
+            if r.logprobs is not None and not self.lib.llama_vocab_is_eog(self.vocab, tok):
+                r.token_logprobs.append(self._logprobs(i, tok, r.logprobs))
             if r.pending is not None:
                 r.slot.cached.append(r.pending)
             else:  # the prompt is in the cache now
                 r.slot.cached = list(r.prompt_ids)
             r.pending = None
             self._take(r, tok, now)
+
+    def _logprobs(self, i: int, tok: int, top: int) -> dict:
+        """The chosen token's log-probability under the model (before sampling settings), and
+        the ``top`` most likely tokens' (OpenAI's ``logprobs`` / ``top_logprobs``)."""
+        import numpy as np
+
+        ptr = self.lib.llama_get_logits_ith(self.ctx.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        out = {"id": int(tok), "logprob": float(logits[tok] - lse), "top": []}
+        if top:
+            best = np.argpartition(-logits, top)[:top]
+            best = best[np.argsort(-logits[best])]
+            out["top"] = [(int(t), float(logits[t] - lse)) for t in best]
+        return out
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self.batch
@@ -358,50 +442,84 @@ class BatchEngine:
         if r.t_first is None:
             r.t_first = now
         r.out_ids.append(tok)
+        before = len(r.text_bytes)
         r.text_bytes += self.model.detokenize([tok], special=False)
-        text = r.text_bytes.decode("utf-8", errors="ignore")
-        hit = next((s for s in r.stop if s in text), None)
-        if hit is not None:
-            r.text_bytes = text[: text.index(hit)].encode("utf-8")
-            r.finish = "stop"
-            return self._finish(r)
-        if r.on_token is not None:
+        if r.stop:
+            text = r.text_bytes.decode("utf-8", errors="ignore")
+            # the earliest match in the text wins (not the first stop string in the list);
+            # only the new end of the text can hold a new match
+            start = max(0, len(r.text_bytes[:before].decode("utf-8", errors="ignore")) - max(map(len, r.stop)))
+            hits = [i for i in (text.find(s, start) for s in r.stop) if i >= 0]
+            if hits:
+                r.text_bytes = text[: min(hits)].encode("utf-8")
+                r.finish = "stop"
+                return self._finish(r)
+        if r.on_token is not None or r.on_piece is not None:
+            text = r.text_bytes.decode("utf-8", errors="ignore")
             hold = max((len(s) - 1 for s in r.stop), default=0)  # what could start a stop string
             safe = len(text) - hold
-            if safe > r.emitted:
-                try:
-                    r.on_token(text[r.emitted:safe])
-                except BaseException as e:  # the request's own callback: it alone fails
-                    r.error = e
-                    return self._release(r)
-                r.emitted = safe
-        if len(r.out_ids) >= r.max_tokens:
+            if safe > r.emitted and not self._emit(r, text[r.emitted:safe]):
+                return
+            r.emitted = max(r.emitted, safe)
+        if r.n_prior + len(r.out_ids) >= r.max_tokens:
             return self._finish(r)
         if self._cancelled(r):
             return
         r.pending = tok
 
+    def _emit(self, r: Request, piece: str) -> bool:
+        """Hand a piece to the request's callback; False (the request failed) if it raised."""
+        ids, r.ids_sent = r.out_ids[r.ids_sent:], len(r.out_ids)
+        try:
+            if r.on_piece is not None:
+                r.on_piece(piece, ids)
+            else:
+                r.on_token(piece)
+        except BaseException as e:  # the request's own callback: it alone fails
+            r.error = e
+            self._release(r)
+            return False
+        return True
+
     def _finish(self, r: Request) -> None:
         t_end = time.perf_counter()
+        t_start = r.t_start if r.t_start is not None else t_end  # (cancelled before it had a slot)
         text = r.text_bytes.decode("utf-8", errors="ignore")  # as the streamed pieces were decoded
-        if r.on_token is not None and len(text) > r.emitted:
-            try:
-                r.on_token(text[r.emitted:])
-            except BaseException as e:
-                r.error = e
-                return self._release(r)
+        if (r.on_token is not None or r.on_piece is not None) and len(text) > r.emitted:
+            if not self._emit(r, text[r.emitted:]):
+                return
+            r.emitted = len(text)
         r.result = {
             "text": text,
-            "prompt_tokens": len(r.prompt_ids),
-            "completion_tokens": len(r.out_ids),
+            "prompt_tokens": len(r.prompt_ids) - r.n_prior,
+            "completion_tokens": r.n_prior + len(r.out_ids),
             "finish_reason": r.finish,
-            "time_to_first_token": (r.t_first - r.t_start) if r.t_first else None,
-            "generate_seconds": t_end - r.t_start,
-            "queue_seconds": r.t_start - r.t_submit,
+            "time_to_first_token": (r.t_first - t_start) if r.t_first else None,
+            "generate_seconds": t_end - t_start,
+            "queue_seconds": t_start - r.t_submit,
             "prefill_seconds": r.t_prefill,
             "cached_prompt_tokens": r.reused,
         }
+        if r.continued:
+            r.result["continued_from"] = r.continued
+        if r.logprobs is not None:
+            r.result["logprobs"] = self._logprob_rows(r)
         self._release(r)
+
+    def _logprob_rows(self, r: Request) -> list[dict]:
+        """Per output token: its text, bytes, log-probability and the top alternatives (the
+        tokens cut by a stop string are left out, as their text is)."""
+        piece = lambda t: self.model.detokenize([t], special=False)  # noqa: E731
+        rows, n = [], len(r.text_bytes)
+        for lp in r.token_logprobs:
+            b = piece(lp["id"])
+            if n <= 0:
+                break
+            n -= len(b)
+            rows.append({"token": b.decode("utf-8", errors="replace"), "bytes": list(b), "logprob": lp["logprob"],
+                         "top_logprobs": [{"token": piece(t).decode("utf-8", errors="replace"), "bytes": list(piece(t)),
+                                           "logprob": v} for t, v in lp["top"]]})
+        return rows
 
     def _release(self, r: Request) -> None:
         if r.sampler is not None:

@@ -2,7 +2,9 @@
 
 All layers go to the GPU on CUDA tiers, none on CPU tiers; the CPU thread count comes from
 ``options.n_threads`` (default: the worker's torch_threads). One resident model decodes up
-to ``options.parallel`` requests at once (continuous batching, ``llama_batch.py``).
+to ``options.parallel`` requests at once (continuous batching, ``llama_batch.py``), in a
+child process of the worker (``engine_proc.py``: a native crash ends that process, not the
+worker); ``options.isolate: false`` keeps it in the worker's own process.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class LlamaModel(TextGenerator):
 
     #: ModelHost lets many tasks use this model at once (the engine serialises the decoding)
     concurrent = True
+    #: a generation cut short elsewhere can be continued from its tokens (``submit(resume=)``)
+    can_resume = True
 
     def __init__(self, model, path: Path, name: str, n_ctx: int, parallel: int, n_threads: int,
                  chat_format: str | None = None, **engine_opts):
@@ -37,7 +41,9 @@ class LlamaModel(TextGenerator):
         self.nbytes = path.stat().st_size
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        from .chat import tokenize_prompt
+
+        return tokenize_prompt(self.model, text)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.model.detokenize(ids, special=False).decode("utf-8", errors="ignore")
@@ -48,9 +54,14 @@ class LlamaModel(TextGenerator):
 
         return llama_chat_prompt(self.model, messages, self.chat_format, self.name)
 
-    def submit(
+    def submit(self, prompt: str, max_tokens: int = 128, **kwargs):
+        """Queue a generation; returns its ``llama_batch.Request`` (``.wait()`` for the result).
+        Keyword arguments: those of ``submit_ids``."""
+        return self.submit_ids(self.check_fits(prompt, max_tokens), max_tokens=max_tokens, **kwargs)
+
+    def submit_ids(
         self,
-        prompt: str,
+        prompt_ids: list[int],
         max_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -59,14 +70,39 @@ class LlamaModel(TextGenerator):
         on_token: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         priority: int = 0,
+        on_piece: Callable[[str, list[int]], None] | None = None,
+        resume: dict | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict | None = None,
+        grammar: str | None = None,
+        logprobs: int | None = None,
     ):
-        """Queue a generation; returns its ``llama_batch.Request`` (``.wait()`` for the result)."""
+        """Queue a generation of token ids. ``on_piece(text, ids)`` receives each streamed
+        piece with its token ids; ``resume`` (``{"ids": [...], "text": "..."}``) continues a
+        generation that produced ``ids`` (and sent ``text``) elsewhere."""
         from .llama_batch import Request
 
-        prompt_ids = self.check_fits(prompt, max_tokens)
-        return self.engine.submit(Request(
-            prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            stop=[s for s in (stop or []) if s], on_token=on_token, should_stop=should_stop, priority=priority))
+        self.check_bias(logit_bias, self.model.n_vocab())
+        prior = [int(t) for t in (resume or {}).get("ids") or []]
+        # greedy: the produced tokens are fed back one step at a time, as the first run computed
+        # them (the same text); sampled: one prefill (see llama_batch's module docstring)
+        replay = temperature <= 0
+        req = Request(
+            prompt_ids=list(prompt_ids) + ([] if replay else prior), max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop=[s for s in (stop or []) if s], on_token=on_token, on_piece=on_piece,
+            should_stop=should_stop, priority=priority, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, logprobs=logprobs, grammar=grammar,
+            n_prior=0 if replay else len(prior), forced=list(prior) if replay else [], continued=len(prior),
+            logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()} or None)
+        if prior:  # the text so far, as the first run built it (token by token)
+            req.text_bytes = b"".join(self.model.detokenize([t], special=False) for t in prior)
+            req.emitted = len((resume or {}).get("text") or "")
+            if len(prior) >= max_tokens:  # it had produced everything: nothing to decode
+                req.out_ids, req.forced, req.n_prior, req.ids_sent = [], [], len(prior), 0
+                self.engine._finish(req)
+                return req
+        return self.engine.submit(req)
 
     def generate(self, prompt: str, **kwargs) -> dict:
         """Generate from ``prompt``; ``temperature=0`` is greedy (deterministic for a lone
@@ -76,6 +112,11 @@ class LlamaModel(TextGenerator):
         tokens, so a cancelled job stops within a token or two.
         """
         return self.submit(prompt, **kwargs).wait()
+
+    def stats(self) -> dict:
+        """The engine's counters (see ``engine_proc.ChildModel.stats``)."""
+        e = self.engine
+        return {"active": e.active(), "max_active": e.max_active, "steps": e.steps}
 
     @property
     def healthy(self) -> bool:
@@ -143,7 +184,7 @@ def prepare() -> None:
 #: options.<key> this backend understands (see the README's Backends table); ``shard_plan``
 #: is set by the client for a model split across workers (``shard:`` in config.yaml)
 OPTIONS = ("n_ctx", "n_threads", "parallel", "prefix_cache", "chat_format", "n_batch", "n_ubatch", "use_mmap",
-           "repack", "shard_plan")
+           "repack", "kv_unified", "isolate", "shard_plan")
 
 
 def engine_options(opts: dict, name: str) -> tuple[int, int, dict]:
@@ -161,16 +202,21 @@ def engine_options(opts: dict, name: str) -> tuple[int, int, dict]:
                          f"n_batch), got {parallel}")
     # prefix_cache: false turns prompt-prefix reuse off (no prefix is ever long enough)
     min_reuse = 32 if opts.get("prefix_cache", True) else n_ctx + 1
-    return n_ctx, parallel, {"n_batch": n_batch, "n_ubatch": int(opts.get("n_ubatch", 512)), "min_reuse": min_reuse}
+    return n_ctx, parallel, {"n_batch": n_batch, "n_ubatch": int(opts.get("n_ubatch", 512)), "min_reuse": min_reuse,
+                             "kv_unified": bool(opts.get("kv_unified", False))}
 
 
-def load(spec, device: str = "cpu", threads: int = 1, name: str = "model"):
-    import llama_cpp
-    from llama_cpp._internals import LlamaModel as _LowLevelModel
+#: what the engine's child process calls to load the model (a test names its own)
+CHILD_LOADER = "workloads.backends.llamacpp:load_here"
 
+
+def load(spec, device: str = "cpu", threads: int = 1, name: str = "model", loader: str = CHILD_LOADER,
+         extra: dict | None = None):
+    """The resident model of ``spec``: its engine in a child process (``engine_proc.py``), or
+    in this process with ``options.isolate: false``; a split model's head (``llama_head``).
+    ``loader`` and ``extra`` (more settings for it): what the child loads with."""
     from . import InputError
 
-    _route_logs()
     opts = dict(spec.options)
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
@@ -182,6 +228,29 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model"):
         return load_sharded(spec, device=device, threads=int(opts.get("n_threads", threads)), name=name)
     path = resolve_source(spec.source)
     n_threads = int(opts.get("n_threads", threads))
+    n_ctx, _, _ = engine_options(opts, name)
+    cfg = {"options": opts, "device": device, "threads": n_threads, "name": name, "path": str(path), **(extra or {})}
+    if not opts.get("isolate", True):
+        _route_logs()
+        return load_here(cfg)
+    from .engine_proc import ChildModel
+
+    return ChildModel(name, Path(path), loader, cfg, n_ctx=n_ctx, chat_format=opts.get("chat_format"), device=device)
+
+
+def load_here(cfg: dict, on_progress: Callable[[float], None] | None = None) -> LlamaModel:
+    """Load the model in this process (the engine's child, or the worker with isolate off).
+
+    ``cfg``: name, path, options, device, threads, and for a split model's head the shard
+    servers' ``endpoints`` and ``tensor_split`` (registered as llama.cpp devices first).
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel as _LowLevelModel
+
+    _route_logs()
+    name, path, opts, device = cfg["name"], Path(cfg["path"]), dict(cfg["options"]), cfg.get("device", "cpu")
     n_ctx, parallel, engine_opts = engine_options(opts, name)
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
@@ -189,25 +258,75 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model"):
     # repack: false skips llama.cpp's CPU weight repacking, which a shard server does not do
     # either: then a split model's greedy tokens equal this process's token for token
     params.use_extra_bufts = bool(opts.get("repack", True))
-    if device.startswith("cuda"):
+    if cfg.get("endpoints"):  # a split model's head: every layer on the shard servers
+        from .rpc_server import ggml_libs
+
+        ggml, rpc = ggml_libs()
+        for ep in cfg["endpoints"]:
+            reg = rpc.ggml_backend_rpc_add_server(ep.encode())
+            if not reg:
+                raise RuntimeError(f"llama.cpp could not add shard server {ep}")
+            ggml.ggml_backend_register(reg)
+        params.n_gpu_layers = -1  # the input layer stays here
+        params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        split = (ctypes.c_float * llama_cpp.llama_max_devices())(*cfg["tensor_split"])
+        params.tensor_split = split
+    elif device.startswith("cuda"):
         if not llama_cpp.llama_supports_gpu_offload():
             logger.warning("model %s: llama-cpp-python was built without GPU support, so it runs on the CPU of "
-                           "this GPU worker; reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\"", name)
+                           "this GPU worker; reinstall it with make install LLAMA_CMAKE_ARGS=\"-DGGML_RPC=ON "
+                           "-DGGML_CUDA=ON\"", name)
         # all layers on this worker's GPU only: the default split mode would spread them over
         # every visible GPU and ignore main_gpu
         params.n_gpu_layers = -1
         params.main_gpu = int(device.split(":")[1])
         params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+    if on_progress is not None:
+        @llama_cpp.llama_progress_callback
+        def progress(p, user):
+            on_progress(float(p))
+            return True
+
+        params.progress_callback = progress  # (kept alive by `progress` until the load returns)
     # verbose=True: llama-cpp-python would otherwise point fds 1 and 2 at /dev/null while it
     # loads, which races with any other thread of the process (an in-process worker, the
     # client) and can leave its output gone for good; the log goes to Python logging instead
     model = _LowLevelModel(path_model=str(path), params=params, verbose=True)
     try:
-        return LlamaModel(model, Path(path), name, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads,
+        return LlamaModel(model, path, name, n_ctx=n_ctx, parallel=parallel, n_threads=int(cfg.get("threads", 1)),
                           chat_format=opts.get("chat_format"), **engine_opts)
     except BaseException:
         model.close()
         raise
+
+
+def grammar_for(response_format) -> str | None:
+    """A GBNF grammar for OpenAI's ``response_format``: None for ``{"type": "text"}``, JSON
+    for ``json_object``, the schema's JSON for ``json_schema`` (llama-cpp-python's own
+    converter, the one llama.cpp's server uses in Python form)."""
+    import json
+
+    from . import InputError
+
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise InputError(f"response_format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}, "
+                         f"got {response_format!r:.80}")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    from llama_cpp import llama_grammar
+
+    if kind == "json_object":
+        return llama_grammar.JSON_GBNF
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InputError("response_format.json_schema.schema must be a JSON schema (an object)")
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:  # the converter's own words on what it cannot express
+            raise InputError(f"response_format.json_schema: this schema cannot be turned into a grammar: {e}") from None
+    raise InputError(f"response_format.type {kind!r} is not one of text, json_object, json_schema")
 
 
 _vocabs: dict = {}
@@ -233,6 +352,8 @@ def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: 
     """Refuse (``ContextTooLong``) a prompt that with ``max_tokens`` exceeds the context,
     before any model work; False when the model file is not on this machine (nothing checked).
     ``first_index``: the index of ``prompts[0]`` in the caller's list (None: a single prompt)."""
+    from .chat import tokenize_prompt
+
     path = local_path(spec.source)
     if path is None or not path.is_file():
         return False
@@ -241,7 +362,7 @@ def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: 
     for i, p in enumerate(prompts):
         if len(p.encode("utf-8")) + 1 + max_tokens <= n_ctx:
             continue  # every token covers at least one byte (plus BOS): it fits without counting
-        n = len(vocab.tokenize(p.encode("utf-8"), add_bos=True, special=True))
+        n = len(tokenize_prompt(vocab, p))
         if n + max_tokens > n_ctx:
             raise ContextTooLong(name, n, max_tokens, n_ctx, None if first_index is None else first_index + i)
     return True
