@@ -5,7 +5,10 @@ The embedded cluster (one VRAM12 worker) and `aicluster serve` in front of it (a
 subprocess, as users run it). The same 64-token greedy completion is timed through
 `ai.generate` and through `openai.OpenAI(...).completions.create`, alternating, and the
 best of each is compared. Then requests/s with 1, 8 and 32 concurrent clients (16-token
-completions; the worker decodes up to 8 at once). Ends with
+completions; the worker decodes up to 8 at once). Then the tokens/s of one streamed
+generation with 1 and with 8 more clients connected and subscribed to the stream topic
+(the scheduler's stream hub sends each piece to its own client only, so the 8 idle ones
+cost nothing per token). Ends with
 ``RESULT serve_latency ratio=<x> target=1.10`` where ratio = HTTP seconds / facade seconds
 (lower is better).
 
@@ -34,6 +37,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stream_rate(ai, idle: int, repeats: int) -> float:
+    """Tokens/s of one streamed generation while ``idle`` other clients are subscribed."""
+    from distributed import Client
+
+    from cluster.streams import STREAM_TOPIC
+
+    others = [Client(ai.scheduler_address, security=ai.config.security_object()) for _ in range(idle)]
+    got = [0]
+    try:
+        for c in others:
+            c.subscribe_topic(STREAM_TOPIC, lambda ev: got.__setitem__(0, got[0] + 1))
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            s = ai.generate(PROMPT, max_tokens=128, stream=True)
+            n = sum(1 for _ in s)
+            secs = time.perf_counter() - t
+            best = max(best, s.result()["completion_tokens"] / secs)
+            assert n > 0
+        assert got[0] == 0, f"idle clients received {got[0]} pieces of another client's stream"
+        return best
+    finally:
+        for c in others:
+            c.close()
 
 
 def main() -> None:
@@ -106,6 +135,9 @@ def main() -> None:
                 for th in threads:
                     th.join()
                 rows.append((clients, len(done), time.perf_counter() - t))
+            stream_rows = []
+            for idle in (0, 8):
+                stream_rows.append((idle, stream_rate(ai, idle, a.repeats)))
         finally:
             server.terminate()
             server.wait(30)
@@ -114,6 +146,11 @@ def main() -> None:
     print("\nclients  requests  seconds  requests/s   (16-token completions, one worker, simulated VRAM12)")
     for clients, n, secs in rows:
         print(f"{clients:7d}  {n:8d}  {secs:7.2f}  {n / secs:10.2f}")
+    print("\nidle clients  stream tokens/s   (one 128-token stream through the facade; best of the repeats)")
+    for idle, rate in stream_rows:
+        print(f"{idle:12d}  {rate:15.1f}")
+    print(f"stream with 8 idle subscribed clients / with none: {stream_rows[1][1] / stream_rows[0][1]:.3f}")
+    print("one worker process (llama.cpp 1 thread), one client process, 2 cores shared")
     print(f"RESULT serve_latency ratio={min(http_s) / min(py_s):.3f} target={TARGET}")
 
 
