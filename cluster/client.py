@@ -548,6 +548,9 @@ class AICluster:
     def unload(self, model: str) -> dict[str, bool]:
         """Unload ``model`` from every worker (a split model: its head, and the layers its
         workers' shard servers held); ``{worker: was_resident}``."""
+        from .shards import forget_plan
+
+        forget_plan(self, model)
         return self.client.run(_unload_on_worker, model)
 
     # -- models split across workers (cluster/shards.py) ----------------------------------------

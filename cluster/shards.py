@@ -829,6 +829,11 @@ def _plans_of(ai) -> _Plans:
     return plans
 
 
+def forget_plan(ai, model: str) -> None:
+    """The next request plans ``model`` afresh (it was unloaded)."""
+    _plans_of(ai).plans.pop(model, None)
+
+
 def _head_state(workers: dict, model: str) -> str | None:
     """"healthy", "broken" or "loading" as the heads' heartbeats report ``model``; None."""
     for w in workers.values():

@@ -326,6 +326,75 @@ def test_lost_shard_server_fails_clearly_and_replans(split):
     assert any(w["name"] == head_worker for w in split.status())
 
 
+def test_concurrent_first_requests_make_one_plan(split, reference):
+    """Before the head reports the model, concurrent first requests share one plan (one
+    round of host_state on every worker): the head loads once, nothing is loaded twice."""
+    split.unload("gemma-270m-split")
+    time.sleep(2)  # the heartbeats say it is gone
+
+    def loads(dask_worker):
+        return dask_worker.plugins["aicluster-modelhost"].load_counts.get("gemma-270m-split", 0)
+
+    before = sum(split.client.run(loads).values())
+    import cluster.shards as shards
+
+    calls = []
+    real = shards.plan_for
+    shards.plan_for = lambda *a, **k: calls.append(1) or real(*a, **k)  # counts, changes nothing
+    try:
+        results = [None] * 4
+
+        def go(i):
+            results[i] = split.generate(PROMPT, model="gemma-270m-split", max_tokens=N).result()
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    finally:
+        shards.plan_for = real
+    assert len(calls) == 1
+    assert all(r["text"] == reference for r in results)
+    assert sum(split.client.run(loads).values()) - before == 1
+
+
+def test_a_shard_server_that_stops_answering_fails_the_request_in_bounded_time(split):
+    """SIGSTOP the server: its port stays open, nothing answers. The head's worker sees that
+    server do no work while the head waits, and ends it: ShardLost naming the worker."""
+    from workloads.backends.llama_head import ShardLost
+
+    split.generate("warm", model="gemma-270m-split", max_tokens=2).result()
+    deadline = time.monotonic() + 15
+    while True:  # the head's next heartbeat carries its plan
+        st = {w["name"]: w for w in split.status()}
+        plan = next((m["shard"]["plan"] for w in st.values() for n, m in w["models"].items() if "shard" in m), None)
+        if plan is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    victim = plan["parts"][-1]
+    pid = st[victim["name"]]["shard_server"]["pid"]
+    f = split.generate("Write a long story about the sea.", model="gemma-270m-split", max_tokens=400)
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ShardLost, match=f"{victim['name']} .*stopped answering"):
+            f.result(timeout=120)
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while True:  # planned and loaded again
+        try:
+            out = split.generate(PROMPT, model="gemma-270m-split", max_tokens=4).result(timeout=60)
+            break
+        except ShardLost:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert out["completion_tokens"] == 4
+
+
 def test_plan_refuses_when_the_cluster_cannot_hold_it():
     from cluster import connect
     from cluster.shards import ShardPlanError

@@ -345,7 +345,10 @@ class ChildModel(TextGenerator):
                     p.cancel_sent = True
                     self._send({"op": "cancel", "id": rid})
             if self._pending:
-                self.watch()
+                try:
+                    self.watch()
+                except Exception:  # the watch goes on (a check that failed is tried again)
+                    logger.exception("watching the engine of %s", self.name)
             else:
                 self.last_message = time.monotonic()  # an idle engine is not a stalled one
             time.sleep(0.05)

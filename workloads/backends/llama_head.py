@@ -174,10 +174,12 @@ class ShardedModel(ChildModel):
         if now - self._stall_since < self.STALL:
             return
         cpu = self._cpu_of_servers()
-        idle = [p for p in self.plan.parts
-                if p.worker in cpu and p.worker in self._stall_cpu and cpu[p.worker] - self._stall_cpu[p.worker] < 0.05]
+        before = self._stall_cpu
+        # stopped or gone; else, when none is, those that did not one bit of work while the head
+        # waited (a server waiting on a stopped one is idle too: the stopped one is named)
         stopped = [p for p in self.plan.parts if cpu.get(p.worker) is None]
-        lost = idle + [p for p in stopped if p not in idle]
+        lost = stopped or [p for p in self.plan.parts if before.get(p.worker) is None
+                           or cpu[p.worker] - before[p.worker] < 0.05]
         if lost:
             self._end(f"model {self.name!r} (split over {', '.join(p.name for p in self.plan.parts)}): the shard "
                       f"server(s) of {', '.join(f'{p.name} ({p.endpoint})' for p in lost)} stopped answering (no "
