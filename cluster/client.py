@@ -151,9 +151,9 @@ class AICluster:
         #: the workers as the scheduler's events report them: routing reads this, no round trip
         self._view = routing.WorkerView(client)
         self._comm = client.scheduler_comm
-        #: stream ids that have sent text (such a stream is not repeated after a restart), and
-        #: each stream's current attempt (a stream generated again gets a new one)
-        self._started: set[str] = set()
+        #: per stream id: what it has received ({"text", "ids"}: a stream generated again after
+        #: a scheduler restart goes on from there), and its current attempt (a new one each time)
+        self._received: dict[str, dict] = {}
         self._attempt: dict[str, int] = {}
         #: facade tasks lost with a restarting scheduler are submitted again (cluster/redo.py)
         self._redo = Redo(client, on_reconnected=self._check_reconnected)
@@ -187,12 +187,14 @@ class AICluster:
         self._streams[stream_id] = sink
 
     def _on_stream_event(self, event) -> None:
-        tagged, piece = event[1]
+        tagged, piece, *rest = event[1]
         stream_id, _, attempt = str(tagged).partition("#")
         sink = self._streams.get(stream_id)
         if sink is not None and str(self._attempt.get(stream_id, 0)) == (attempt or "0"):
             if piece:
-                self._started.add(stream_id)
+                got = self._received.setdefault(stream_id, {"text": "", "ids": []})
+                got["text"] += piece
+                got["ids"] += list(rest[0]) if rest and rest[0] else []
             sink(piece)
 
     def _close_stream(self, stream_id: str) -> None:
@@ -202,7 +204,7 @@ class AICluster:
             close_stream(self.client, f"{stream_id}#{self._attempt.get(stream_id, 0)}")
 
     def _forget_stream(self, stream_id: str) -> None:
-        self._started.discard(stream_id)
+        self._received.pop(stream_id, None)
         self._attempt.pop(stream_id, None)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -420,10 +422,14 @@ class AICluster:
 
         def submit(key: str, attempt: int = 0) -> Future:
             if stream_id is not None:
-                # pieces come as (f"{stream_id}#{attempt}", piece): after a redo, pieces that a
-                # run lost with the old connection still sends are told apart and dropped
+                # pieces come as (f"{stream_id}#{attempt}", piece, ids): after a redo, pieces that
+                # a run lost with the old connection still sends are told apart and dropped
                 self._attempt[stream_id] = attempt
                 extra.update(stream_id=f"{stream_id}#{attempt}")
+                got = self._received.get(stream_id)
+                if attempt and got and got["text"]:
+                    # the new scheduler's hub knows nothing of it: go on from what arrived here
+                    extra["resume_from"] = {"text": got["text"], "ids": list(got["ids"])}
             return self._submit_routed(route, what, _task("generate"), prompt, model, spec, params, index=index,
                                        kind=kind, key=key, priority=priority, task_priority=priority, _redo=False,
                                        **extra)
@@ -433,10 +439,10 @@ class AICluster:
         if stream_id is None:
             self._redo.track(f, lambda: submit(key), what)  # (the key: a recipe must not hold the future)
         else:
-            # after a scheduler restart, a stream is generated again only if it sent no text yet
+            # after a scheduler restart, a stream goes on from the text it has sent (its
+            # pieces carry their token ids; a backend that cannot continue says the stream was cut)
             attempts = iter(range(1, 1 << 30))
             self._redo.track(f, lambda: submit(key, next(attempts)), what,
-                             may_redo=lambda: stream_id not in self._started,
                              cleanup=lambda: self._forget_stream(stream_id))
         if s is None:
             return f

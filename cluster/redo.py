@@ -21,9 +21,10 @@ facade keeps a reference to the value it handed out while the future is held, an
 restart submits a task under the same key that returns that value, so the same future gives
 the same answer (at ``temperature > 0`` a second run would give other text).
 
+A stream that had sent text is submitted again with what its reader received (text and
+token ids, ``AICluster._received``): the new run goes on from there, so nothing repeats.
+
 Not redone, and why:
-* a stream that already sent text (repeating it would corrupt what the reader has): it
-  ends with ``SchedulerLost``;
 * a ``submit``/``map`` without ``retries`` (it may have side effects): Dask's cancellation
   stands, which the facade reports as ``SchedulerLost``;
 * when the scheduler does not come back before the client gives up (Dask's connect

@@ -11,8 +11,11 @@ clients are connected.
 
 The hub also keeps, per open stream, the text and token ids sent so far. A task that runs
 again (its worker died) asks for them when it starts and continues from there; a piece is
-taken only at the offset the stream has reached, so no reader sees text twice. A stream's
-record goes when it ends, when its reader closes it, or when its client leaves.
+taken only at the offset the stream has reached, so no reader sees text twice. Pieces reach
+the client with their token ids, so after a scheduler restart (a new hub that knows
+nothing) the facade submits the stream again with what it had received, and the new run
+goes on from there too. A stream's record goes when it ends, when its reader closes it, or
+when its client leaves.
 """
 from __future__ import annotations
 
@@ -62,12 +65,15 @@ class StreamHub(SchedulerPlugin):
         scheduler.stream_handlers[CLOSE_OP] = self.on_close
         scheduler.handlers[RESUME_HANDLER] = self.resume
 
-    def resume(self, stream: str) -> dict:
+    def resume(self, stream: str, seed: dict | None = None) -> dict:
         """A task begins a run of ``stream``: what it sent before, and the new run's number
-        (pieces of older runs are dropped from now on)."""
+        (pieces of older runs are dropped from now on). ``seed``: what the client had
+        received when its scheduler restarted (this hub never saw it), to go on from."""
         s = self.streams.get(stream)
         if s is None:
             s = self.streams[stream] = _Stream()
+            if seed:
+                s.text, s.ids = str(seed.get("text") or ""), list(seed.get("ids") or [])
         s.run += 1
         s.last = time.time()
         self._forget_old()
@@ -92,7 +98,7 @@ class StreamHub(SchedulerPlugin):
         if comm is None:
             return
         self.forwarded += 1
-        comm.send({"op": "event", "topic": STREAM_TOPIC, "event": (time.time(), (stream, piece))})
+        comm.send({"op": "event", "topic": STREAM_TOPIC, "event": (time.time(), (stream, piece, list(ids or [])))})
 
     def on_close(self, stream: str, client: str | None = None) -> None:
         self.streams.pop(stream, None)

@@ -293,11 +293,11 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
     """The scheduler PC is killed and started again while `aicluster generate` runs and
     while this process holds facade futures. Everything that can be redone is submitted
     again under the same key and completes: the CLI's answers (reported as retried, each
-    written once), generations, an embedding, a `submit` with `retries`, and a result that
-    had already finished and been fetched (it is given back as fetched, not generated again:
-    sampled text would differ). What cannot be redone says
-    so: a `submit` without `retries` (it may have side effects) and a stream that had sent
-    text. The job board (SQLite on the scheduler) keeps what ran before; the rows cut off
+    written once), generations, an embedding, a `submit` with `retries`, a stream that had
+    sent text (it goes on from that text: each piece once), and a result that had already
+    finished and been fetched (it is given back as fetched, not generated again: sampled
+    text would differ). What cannot be redone says so: a `submit` without `retries` (it may
+    have side effects). The job board (SQLite on the scheduler) keeps what ran before; the rows cut off
     by the restart read `lost` until they are submitted again, then count it."""
     import json
     from concurrent.futures import CancelledError
@@ -361,7 +361,7 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                     queued = ai.generate("The lighthouse keeper said", max_tokens=30, stream=True)
                     time.sleep(1.5)  # (the job board writes its rows every second)
                     assert not spread.done() and not any(f.done() for f in gens)
-                    assert queued.stream_id not in ai._started and not queued.future.done()
+                    assert queued.stream_id not in ai._received and not queued.future.done()
                     sched.kill()
                     sched.wait()
                     with proc(sched_args, env) as sched2:
@@ -390,19 +390,21 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                         # the stream that had sent nothing is generated again, and streams whole
                         text = "".join(queued)
                         assert text and text == queued.result(timeout=60)["text"]
-                        got = [first]
-                        with pytest.raises(SchedulerLost, match="the stream was cut"):
-                            for piece in pieces:
-                                got.append(piece)
+                        # the stream that had sent text goes on from there: each piece once, and whole
+                        got = first + "".join(pieces)
+                        r = stream.result(timeout=120)
+                        assert got == r["text"]
+                        assert r["completion_tokens"] == 400 or r["finish_reason"] == "stop"
+                        assert r.get("continued_from", 0) >= 1
                         redone = {x.key for x in seen}
-                        assert ({f.key for f in gens + mapped} | {emb.key, redoable.key, finished.key, queued.future.key}
-                                <= redone), seen
-                        assert plain.key not in redone and stream.future.key not in redone
+                        assert ({f.key for f in gens + mapped} | {emb.key, redoable.key, finished.key, queued.future.key,
+                                                                  stream.future.key} <= redone), seen
+                        assert plain.key not in redone
                         board = {j["key"]: j for j in ai.jobs()}
                         for f in gens:
                             assert board[f.key]["state"] == "done" and board[f.key]["resubmitted"] == 1, board[f.key]
                         assert board[emb.key]["parts"] == 3 and board[emb.key]["state"] == "done"
-                        assert board[stream.future.key]["state"] == "lost"  # cut, and not run again
+                        assert board[stream.future.key]["state"] == "done" and board[stream.future.key]["resubmitted"]
                         assert sum(j["state"] == "done" and not j["resubmitted"] for j in board.values()) >= 6
             finally:
                 ai.close()

@@ -20,13 +20,15 @@ class StreamCut(RuntimeError):
 
 def generate_task(prompt: str | None, model: str, spec, params: dict, index: int | None = None,
                   stream_id: str | None = None, task_priority: int = 0, messages: list[dict] | None = None,
-                  crash_retry: bool = True) -> dict:
+                  crash_retry: bool = True, resume_from: dict | None = None) -> dict:
     """Generate for one prompt (or chat ``messages``, formatted here with the model's chat
     template). ``stream_id``: pieces go to the scheduler's stream hub
     (``workloads/streaming.py``); a run after a lost worker continues the text the stream
     sent already. ``task_priority`` (the Dask priority it was submitted with) orders requests
     waiting for a slot of the model's batch. ``crash_retry``: when the model crashes here
-    (``ModelCrashed``), try it once on a worker with another build or device."""
+    (``ModelCrashed``), try it once on a worker with another build or device.
+    ``resume_from``: what the client had received of this stream before its scheduler
+    restarted (the new scheduler's hub starts from it)."""
     host, worker = host_and_worker()
     t0 = time.perf_counter()
     loads_before = host.load_counts.get(model, 0)
@@ -40,7 +42,7 @@ def generate_task(prompt: str | None, model: str, spec, params: dict, index: int
     # when the model file is here already; otherwise once the model is loaded
     checked = prompt is not None and precheck(spec, [prompt], model, params["max_tokens"], index)
     sender = StreamSender(worker, stream_id) if stream_id else None
-    prior = sender.start() if sender is not None else None
+    prior = sender.start(seed=resume_from) if sender is not None else None
     seceded = False
     try:
         with host.acquire(model, spec) as m:

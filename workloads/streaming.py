@@ -51,14 +51,15 @@ class StreamSender:
         #: facade's plugins): pieces then go by pub/sub, as before the hub
         self.hub = True
 
-    def start(self) -> dict:
-        """Register this run with the hub; returns what earlier runs sent (empty: none)."""
+    def start(self, seed: dict | None = None) -> dict:
+        """Register this run with the hub; returns what earlier runs sent (empty: none).
+        ``seed`` (``{"text", "ids"}``): what the client received before its scheduler restarted."""
         from distributed.utils import sync
 
         try:
             # (a scheduler without the handler logs it and never answers: hence the timeout)
             got = sync(self.worker.loop, getattr(self.worker.scheduler, RESUME_HANDLER), stream=self.stream_id,
-                       callback_timeout=self.TIMEOUT)
+                       seed=seed, callback_timeout=self.TIMEOUT)
         except Exception as e:  # a scheduler without the hub: pub/sub, no resuming
             logger.warning("stream %s: the scheduler has no stream hub (%s: %s); its pieces go by pub/sub",
                            self.stream_id, type(e).__name__, e)
@@ -74,7 +75,7 @@ class StreamSender:
         """One piece (None: the stream's end) with the token ids it came from."""
         w = self.worker
         if not self.hub:  # (a message of an unknown op would make the scheduler drop this worker)
-            w.log_event(STREAM_TOPIC, (self.stream_id, piece))
+            w.log_event(STREAM_TOPIC, (self.stream_id, piece, list(ids or [])))
             return
         msg = {"op": PIECE_OP, "stream": self.stream_id, "run": self.run, "offset": self.offset, "piece": piece,
                "ids": list(ids or [])}
