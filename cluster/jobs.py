@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 
@@ -59,15 +60,19 @@ class JobBoard(SchedulerPlugin):
         self._parts: dict[str, dict[str, str]] = {}
         self._dirty: set[str] = set()
         self._db: sqlite3.Connection | None = None
+        self._db_lock: threading.Lock | None = None  # (made in start: the plugin is pickled to the scheduler)
+        self._writing = False
+        self._pruned = 0.0
         self.scheduler = None
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
+        self._db_lock = threading.Lock()
         if self.db_path:
             self._open()
             from tornado.ioloop import PeriodicCallback
 
-            self._pc = PeriodicCallback(self.flush, 1000)
+            self._pc = PeriodicCallback(self._flush_soon, 1000)
             self._pc.start()
 
     async def close(self) -> None:
@@ -75,9 +80,10 @@ class JobBoard(SchedulerPlugin):
         if pc is not None:
             pc.stop()
         self.flush()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._db_lock or threading.Lock():
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     # -- SQLite --------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -102,21 +108,44 @@ class JobBoard(SchedulerPlugin):
         logger.info("job board: %d rows from %s", len(rows), self.db_path)
 
     def flush(self) -> None:
-        """Write the rows changed since the last flush (every second, and at close)."""
+        """Write the rows changed since the last flush, here and now (at close)."""
         if self._db is None or not self._dirty:
             return
         keys, self._dirty = self._dirty, set()
+        self._write(keys, [tuple(self.jobs[k].get(c) for c in _COLUMNS) for k in keys if k in self.jobs])
+
+    async def _flush_soon(self) -> None:
+        """Every second: the changed rows are copied on the event loop and written by a
+        thread, so the scheduler goes on with its tasks meanwhile (thousands of small jobs
+        per second made each write, and its pruning query, a pause of the whole scheduler)."""
+        import asyncio
+
+        if self._db is None or not self._dirty or self._writing:
+            return
+        keys, self._dirty = self._dirty, set()
         rows = [tuple(self.jobs[k].get(c) for c in _COLUMNS) for k in keys if k in self.jobs]
+        self._writing = True
         try:
-            with self._db:
-                self._db.executemany(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES "
-                                     f"({', '.join('?' * len(_COLUMNS))})", rows)
-            self._prune()
-        except sqlite3.Error as e:  # a full disk must not stop the scheduler; the board stays in memory
-            self._dirty |= keys  # written at a later flush
-            logger.warning("job board: cannot write %s: %s", self.db_path, e)
+            await asyncio.to_thread(self._write, keys, rows)
+        finally:
+            self._writing = False
+
+    def _write(self, keys: set, rows: list) -> None:
+        with self._db_lock or threading.Lock():
+            if self._db is None:
+                return
+            try:
+                with self._db:
+                    self._db.executemany(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES "
+                                         f"({', '.join('?' * len(_COLUMNS))})", rows)
+                if time.time() - self._pruned > 60:  # (its query reads the whole table)
+                    self._prune()
+            except sqlite3.Error as e:  # a full disk must not stop the scheduler; the board stays in memory
+                self._dirty |= keys  # written at a later flush
+                logger.warning("job board: cannot write %s: %s", self.db_path, e)
 
     def _prune(self) -> None:
+        self._pruned = time.time()
         self._db.execute("DELETE FROM jobs WHERE submitted < ?", (time.time() - self.max_age,))
         self._db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT key FROM jobs ORDER BY submitted DESC LIMIT ?)",
                          (self.max_jobs,))
@@ -254,8 +283,8 @@ class JobCancelled(RuntimeError):
 class SchedulerLost(ConnectionError):
     """A job's future was lost with the scheduler (it restarted, or the link dropped) and
     was not submitted again: the facade redoes its own work by itself (cluster/redo.py),
-    except a stream that had sent text, a ``submit`` without ``retries``, and everything
-    when the scheduler does not come back."""
+    except a ``submit`` without ``retries``, and everything when the scheduler does not come
+    back."""
 
 
 def failure(future) -> BaseException | None:
