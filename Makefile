@@ -98,15 +98,24 @@ notebooks: $(NB_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=600 --ExecutePreprocessor.store_widget_state=True notebooks/*.ipynb
 
-bench: install
-	HF_HUB_OFFLINE=1 $(PY) bench/embeddings.py
-	HF_HUB_OFFLINE=1 $(PY) bench/generate.py
-	HF_HUB_OFFLINE=1 $(PY) bench/concurrency.py
-	HF_HUB_OFFLINE=1 $(PY) bench/prefix.py
-	HF_HUB_OFFLINE=1 $(PY) bench/spread.py
-	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
-	HF_HUB_OFFLINE=1 $(PY) bench/sharded.py
-	HF_HUB_OFFLINE=1 $(PY) bench/overhead.py
+# llama.cpp's own server, for bench/peers.py (the cluster against what a user would run
+# instead): built from the sources vendored in the same llama-cpp-python sdist as the
+# binding, with the same CPU flags, cached beside the wheels; only `make bench` builds it
+# (about 9 minutes on 2 cores, once).
+LLAMA_SERVER := $(WHEEL_CACHE)/llama-server-$(LLAMA_VERSION)-$(LLAMA_KEY)/llama-server
+$(LLAMA_SERVER): | $(PY)
+	rm -rf $(@D).tmp && mkdir -p $(@D).tmp
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_VERSION)" -d $(@D).tmp
+	tar -xzf $(@D).tmp/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(@D).tmp
+	cmake -S $(@D).tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $(@D).tmp/build -DCMAKE_BUILD_TYPE=Release \
+		$(LLAMA_CMAKE_ARGS) $(LLAMA_CPU_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF > $(@D).tmp/cmake.log
+	cmake --build $(@D).tmp/build --target llama-server -j2 > $(@D).tmp/build.log
+	mkdir -p $(@D) && cp $(@D).tmp/build/bin/llama-server $@ && rm -rf $(@D).tmp
+
+# every bench script, then one table of their RESULT lines (also bench/out/latest.json)
+bench: install $(LLAMA_SERVER)
+	HF_HUB_OFFLINE=1 AICLUSTER_LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run_all.py
 
 # 10 minutes of mixed traffic from 3 clients while a worker is killed every 60 s
 soak: install

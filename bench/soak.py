@@ -1,185 +1,369 @@
-"""Soak: mixed traffic from three clients while a chaos loop kills a random worker.
+"""Soak: mixed traffic from several clients while chaos kills workers, the gateway and the
+scheduler; every failure is counted, by kind.
 
-The embedded cluster (three worker processes with nannies). Three clients, each its own
-Dask client and facade, send generate / embed / pipeline / benchmark-job requests, one at
-a time, for ``--minutes``; a fourth runs the batch commands (``aicluster generate`` and
-``aicluster submit``, 4 requests per run, one output file per run) as a user's script
-would. Every ``--kill-every`` seconds a random worker process is killed (SIGKILL; its nanny
-starts it again). Every request has an id; at the end the script prints how many were
-done, lost (failed, wrong, or never answered: must be 0), duplicated (an id with more than
-one answer line in the batch commands' output files, where a retry that went wrong would
-write twice: must be 0), and each worker's memory at the start and the end. Ends with
-``RESULT soak lost=<n> target=0``.
+A cluster of separate processes, as on several PCs: ``aicluster scheduler``, three
+``aicluster worker`` (pc1 VRAM12, pc2 VRAM6, cpu CPU, each with its nanny) and ``aicluster
+serve``. Three facade clients send requests one at a time, each a random kind:
 
-    python bench/soak.py [--minutes 10] [--kill-every 60] [--seed 0]
+* ``generate`` and ``stream`` (the facade), ``http`` and ``http-stream`` (the official
+  ``openai`` client through the gateway): greedy prompts whose answer was recorded before
+  the chaos began (only prompts that give the same text alone and in a batch are used);
+* ``embed``: texts whose vectors were recorded before (compared within float tolerance);
+* ``pipeline``: the shipped ``rag`` pipeline (its answer compared with the one recorded);
+* ``job``: a benchmark job (its own check);
+
+and a fourth runs the batch commands (``aicluster generate`` / ``aicluster submit``) as a
+script would. Every ``--kill-every`` seconds a random worker process is SIGKILLed (its
+nanny starts it again); once the gateway process is killed and started again on its port;
+once the scheduler is killed and started again (the workers rejoin, the facade submits
+what was lost). Each request has a deadline. Counted per kind:
+
+* ``lost``: an exception (a valid request must not fail);
+* ``late``: no answer by the deadline, or still running when the soak ends;
+* ``wrong``: an answer that differs from the recorded one, or a failed job check;
+* ``duplicated``: a stream whose pieces repeat text (pieces longer than the text), or a
+  batch command's output with two lines for one id.
+
+Ends with a table (kind, sent, done, lost, late, wrong, duplicated) and
+``RESULT soak lost=<n> target=0`` where n counts every failure of every kind.
+
+``--inject drop-reply`` makes one worker drop the reply of one generation (the scheduler
+never hears it finished): the soak must report it (a test runs a one-minute soak with it).
+
+    python bench/soak.py [--minutes 10] [--kill-every 60] [--deadline 240] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+KINDS = ("generate", "stream", "http", "http-stream", "embed", "pipeline", "job")
+COLUMNS = ("sent", "done", "lost", "late", "wrong", "duplicated")
+PROMPTS = [f"Note {i} for the lab notebook: the GPU in PC number {i}" for i in range(8)]
+QUESTIONS = ["Which file format does llama.cpp use?", "How much memory does the RTX 3060 have?"]
 
-def rss() -> int:
-    import psutil
 
-    return psutil.Process().memory_info().rss
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--kill-every", type=float, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+class Proc:
+    """A subprocess whose output goes to a log file (read when something goes wrong)."""
 
-    from dask.utils import format_bytes
+    def __init__(self, name: str, args: list[str], env: dict, folder: Path):
+        self.name, self.args, self.env = name, args, env
+        self.log = folder / f"{name}.log"
+        self.start()
+
+    def start(self) -> None:
+        fh = open(self.log, "a")
+        self.p = subprocess.Popen([str(BIN / "aicluster"), *self.args], env=self.env, stdout=fh,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text(errors="replace"):
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.3)
+        raise SystemExit(f"{self.name}: {text!r} not seen in {self.log}")
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGINT)
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts = {k: collections.Counter() for k in (*KINDS, "cli-generate", "cli-submit")}
+        self.examples: list[str] = []
+
+    def add(self, kind: str, outcome: str, detail: str = "") -> None:
+        with self.lock:
+            self.counts[kind][outcome] += 1
+            if outcome != "done" and outcome != "sent" and len(self.examples) < 30:
+                self.examples.append(f"{kind} {outcome}: {detail}"[:400])
+
+    def failures(self) -> int:
+        return sum(c[k] for c in self.counts.values() for k in ("lost", "late", "wrong", "duplicated"))
+
+    def table(self) -> str:
+        rows = [[k] + [str(c[col]) for col in COLUMNS] for k, c in self.counts.items() if c["sent"]]
+        head = ["kind", *COLUMNS]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def call(fn, deadline: float):
+    """``fn()`` in a thread: ("done", value) / ("lost", exception) / ("late", thread)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - every failure is counted by the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(deadline)
+    if t.is_alive():
+        return "late", t
+    if "error" in box:
+        return "lost", box["error"]
+    return "done", box["value"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills (0: none)")
+    ap.add_argument("--deadline", type=float, default=240, help="seconds a request may take")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-restarts", action="store_true", help="do not kill the gateway and the scheduler")
+    ap.add_argument("--inject", choices=["drop-reply"], default=None, help="a fault the soak must report")
+    a = ap.parse_args(argv)
+
+    import numpy as np
+    import openai
+    import yaml
 
     from cluster import connect
+    from cluster.config import load_config
 
     rnd = random.Random(a.seed)
-    with connect(dashboard_port=0) as ai:
-        def memory() -> dict:
-            names = {addr: w["name"] for addr, w in ai._workers().items()}
-            return {names.get(addr, addr): v for addr, v in ai.client.run(rss, on_error="return").items()
-                    if isinstance(v, int)}
+    folder = Path(tempfile.mkdtemp(prefix="aicluster-soak-"))
+    data = load_config().model_dump(exclude={"path"})
+    data["worker"]["reconnect"] = {"initial_delay": 0.5, "max_delay": 2}
+    data["scheduler"]["jobs_db"] = str(folder / "jobs.sqlite3")
+    cfg = folder / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "AICLUSTER_CONFIG": str(cfg), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    port, http_port = free_port(), free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    sched_args = ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-port", "0"]
+    procs: dict[str, Proc] = {"scheduler": Proc("scheduler", sched_args, env, folder)}
+    procs["scheduler"].wait_for("scheduler at")
+    for name, tier in (("pc1", "VRAM12"), ("pc2", "VRAM6"), ("cpu", "CPU")):
+        procs[name] = Proc(name, ["worker", addr, "--tier", tier, "--host", "127.0.0.1", "--name", name], env, folder)
+    for name in ("pc1", "pc2", "cpu"):
+        procs[name].wait_for("Registered to")
+    serve_args = ["serve", "--address", addr, "--port", str(http_port), "--config", str(cfg)]
+    procs["serve"] = Proc("serve", serve_args, env, folder)
+    tally = Tally()
+    stuck: list[threading.Thread] = []
+    try:
+        ai = connect(str(cfg), address=addr, timeout=60)
+        procs["serve"].wait_for("serving the cluster at")
+        # -- the answers, before any chaos ------------------------------------------------------
+        alone = {p: ai.generate_now(p, max_tokens=16)["text"] for p in PROMPTS}
+        together = dict(zip(PROMPTS, (r["text"] for r in ai.generate_now(PROMPTS, max_tokens=16))))
+        stable = [p for p in PROMPTS if alone[p] == together[p]]  # near-ties move with the batch
+        if not stable:
+            raise SystemExit("no prompt gives the same greedy text alone and in a batch")
+        ref_text = {p: alone[p] for p in stable}
+        texts = [f"passage {k} about graphics cards in a home lab" for k in range(20)]
+        ref_vec = ai.embed_now(texts)
+        ref_rag = {q: ai.run_pipeline("rag", question=q)["answer"]["text"] for q in QUESTIONS}
+        if a.inject == "drop-reply":
+            from soak_faults import DropOneReply
 
-        # models resident first, so "start" is a working cluster
-        ai.generate_now("warm", max_tokens=2)
-        ai.embed_now(["warm"])
-        start_mem = memory()
-        deadline = time.monotonic() + a.minutes * 60
-        answers: collections.Counter = collections.Counter()
-        lost: list[str] = []
-        kinds: collections.Counter = collections.Counter()
-        lock = threading.Lock()
+            ai.client.register_plugin(DropOneReply(), name="aicluster-soak-drop-one-reply")
+        print(f"{len(stable)} of {len(PROMPTS)} prompts give one greedy text alone and batched; chaos starts",
+              flush=True)
+        end = time.monotonic() + a.minutes * 60
+
+        def check_text(kind: str, p: str, text: str, pieces: str | None = None) -> None:
+            if pieces is not None and len(pieces) > len(text):  # a piece came twice
+                tally.add(kind, "duplicated", f"{p!r}: pieces {pieces!r} for text {text!r}")
+            elif text != ref_text[p] or (pieces is not None and pieces != text):
+                tally.add(kind, "wrong", f"{p!r}: {text!r} (pieces {pieces!r}) != {ref_text[p]!r}")
+            else:
+                tally.add(kind, "done")
+
+        def one(me, http, kind: str, r: random.Random) -> None:
+            p = r.choice(stable)
+            tally.add(kind, "sent")
+            if kind == "generate":
+                fn = lambda: me.generate(p, max_tokens=16).result()  # noqa: E731
+            elif kind == "stream":
+                def fn():
+                    s = me.generate(p, max_tokens=16, stream=True)
+                    return "".join(s), s.result()["text"]
+            elif kind == "http":
+                fn = lambda: http.completions.create(model="gemma-270m", prompt=p, max_tokens=16,  # noqa: E731
+                                                     temperature=0).choices[0].text
+            elif kind == "http-stream":
+                def fn():
+                    text = ""
+                    for ch in http.completions.create(model="gemma-270m", prompt=p, max_tokens=16, temperature=0,
+                                                      stream=True):
+                        text += "".join(c.text or "" for c in ch.choices)
+                    return text
+            elif kind == "embed":
+                fn = lambda: me.embed(texts).result()  # noqa: E731
+            elif kind == "pipeline":
+                q = r.choice(QUESTIONS)
+                fn = lambda: (q, me.run_pipeline("rag", question=q)["answer"]["text"])  # noqa: E731
+            else:
+                fn = lambda: me.run_jobs([{"job_type": "matrix_multiply", "size": 128, "iterations": 2}],  # noqa: E731
+                                         progress=False)["results"][0]
+            outcome, value = call(fn, a.deadline)
+            if outcome == "late":
+                stuck.append(value)
+                tally.add(kind, "late", f"{p!r}: no answer within {a.deadline:g} s")
+            elif outcome == "lost":
+                tally.add(kind, "lost", f"{type(value).__name__}: {value}")
+            elif kind in ("generate",):
+                check_text(kind, p, value["text"])
+            elif kind == "stream":
+                check_text(kind, p, value[1], pieces=value[0])
+            elif kind in ("http", "http-stream"):
+                check_text(kind, p, value)
+            elif kind == "embed":
+                ok = value.shape == ref_vec.shape and np.allclose(value, ref_vec, rtol=1e-4, atol=1e-5)
+                tally.add(kind, "done" if ok else "wrong", "vectors differ from the recorded ones")
+            elif kind == "pipeline":
+                q, text = value
+                tally.add(kind, "done" if text == ref_rag[q] else "wrong", f"{q!r}: {text!r} != {ref_rag[q]!r}")
+            else:
+                ok = value.get("status") == "completed" and (value.get("check") or {}).get("passed", True)
+                tally.add(kind, "done" if ok else "wrong", str(value.get("error") or value.get("check")))
 
         def client_loop(n: int) -> None:
             r = random.Random(a.seed * 100 + n)
-            with connect(address=ai.scheduler_address) as me:
-                i = 0
-                while time.monotonic() < deadline:
-                    i += 1
-                    rid = f"c{n}-{i}"
-                    kind = r.choice(["generate", "generate", "embed", "pipeline", "job"])
-                    try:
-                        if kind == "generate":
-                            out = me.generate(f"Request {rid}: a short note on GPUs", max_tokens=16).result(timeout=300)
-                            ok = out["completion_tokens"] > 0
-                        elif kind == "embed":
-                            out = me.embed([f"{rid} text {k}" for k in range(20)]).result(timeout=300)
-                            ok = out.shape == (20, 384)
-                        elif kind == "pipeline":
-                            out = me.run_pipeline("rag", question=f"Which file format does llama.cpp use? ({rid})")
-                            ok = bool(out["answer"]["text"] is not None)
-                        else:
-                            outs = me.run_jobs([{"job_type": "matrix_multiply", "size": 128, "iterations": 2,
-                                                 "job_id": rid}], progress=False)["results"]
-                            ok = outs[0]["status"] == "completed"
-                            if not ok:
-                                raise RuntimeError(outs[0].get("error"))
-                        with lock:
-                            kinds[kind] += 1
-                            answers[rid] += 1
-                            if not ok:
-                                lost.append(f"{rid} ({kind}): wrong answer")
-                    except Exception as e:  # any failure of a valid request is a loss
-                        import traceback
-
-                        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-                        at = f" [at {os.path.basename(where.filename)}:{where.lineno} {where.name}]" if where else ""
-                        with lock:
-                            lost.append(f"{rid} ({kind}): {type(e).__name__}: {e}{at}")
-
-        batch_lines: collections.Counter = collections.Counter()
+            http = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=8,
+                                 timeout=a.deadline)  # a user's client retries a gateway that went away
+            with connect(str(cfg), address=addr, timeout=60) as me:
+                while time.monotonic() < end:
+                    one(me, http, r.choice(KINDS), r)
 
         def batch_loop() -> None:
-            """The batch commands, each run a separate process and client, as from a script."""
-            import json
-            import subprocess
-            import sys
-            import tempfile
-
-            folder = tempfile.mkdtemp(prefix="aicluster-soak-")
-            exe = os.path.join(os.path.dirname(sys.executable), "aicluster")
             run = 0
-            while time.monotonic() < deadline - 30:
+            while time.monotonic() < end - 30:
                 run += 1
                 ids = [f"b{run}-{k}" for k in range(4)]
-                out = os.path.join(folder, f"out{run}.jsonl")
+                out = folder / f"out{run}.jsonl"
                 if run % 2:
-                    src = os.path.join(folder, f"prompts{run}.jsonl")
-                    with open(src, "w") as fh:
-                        fh.writelines(json.dumps({"id": i, "prompt": f"Request {i}: one word on GPUs"}) + "\n"
-                                      for i in ids)
-                    cmd, kind, field = [exe, "generate", "--prompts", src, "-o", out, "--max-tokens", "16"], "cli-generate", "id"
+                    kind, field = "cli-generate", "id"
+                    src = folder / f"prompts{run}.jsonl"
+                    chosen = {i: rnd.choice(stable) for i in ids}
+                    src.write_text("".join(json.dumps({"id": i, "prompt": chosen[i]}) + "\n" for i in ids))
+                    cmd = ["generate", "--prompts", str(src), "-o", str(out), "--max-tokens", "16"]
                 else:
-                    src = os.path.join(folder, f"jobs{run}.json")
-                    with open(src, "w") as fh:
-                        json.dump([{"job_type": "matrix_multiply", "size": 128, "iterations": 2, "job_id": i}
-                                   for i in ids], fh)
-                    cmd, kind, field = [exe, "submit", src, "-o", out], "cli-submit", "job_id"
-                r = subprocess.run([*cmd, "--address", ai.scheduler_address], capture_output=True, text=True,
-                                   timeout=600)
-                lines = []
-                if os.path.exists(out):
-                    with open(out) as fh:
-                        lines = [json.loads(line) for line in fh if line.strip()]
-                with lock:
-                    for rec in lines:
-                        if rec.get(field) in ids:
-                            batch_lines[rec[field]] += 1
+                    kind, field = "cli-submit", "job_id"
+                    src = folder / f"jobs{run}.json"
+                    src.write_text(json.dumps([{"job_type": "matrix_multiply", "size": 128, "iterations": 2,
+                                                "job_id": i} for i in ids]))
+                    cmd = ["submit", str(src), "-o", str(out)]
+                for _ in ids:
+                    tally.add(kind, "sent")
+                try:
+                    r = subprocess.run([str(BIN / "aicluster"), *cmd, "--address", addr], capture_output=True,
+                                       text=True, timeout=a.deadline * 2, env=env)
+                    err = r.stderr.strip()[-300:]
+                except subprocess.TimeoutExpired:
                     for i in ids:
-                        ok = any(rec.get(field) == i and rec.get("status", "completed") == "completed" for rec in lines)
-                        if ok:
-                            kinds[kind] += 1
-                            answers[i] += 1
-                        else:
-                            lost.append(f"{i} ({kind}): no answer (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+                        tally.add(kind, "late", f"{i}: the command did not end within {a.deadline * 2:g} s")
+                    continue
+                lines = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+                for i in ids:
+                    mine = [rec for rec in lines if rec.get(field) == i]
+                    if len(mine) > 1:
+                        tally.add(kind, "duplicated", f"{i}: {len(mine)} lines")
+                    elif not mine or mine[0].get("status", "completed") != "completed":
+                        tally.add(kind, "lost", f"{i}: no answer (exit {r.returncode}): {err}")
+                    elif kind == "cli-generate" and mine[0].get("text") != ref_text[chosen[i]]:
+                        tally.add(kind, "wrong", f"{i}: {mine[0].get('text')!r} != {ref_text[chosen[i]]!r}")
+                    else:
+                        tally.add(kind, "done")
 
-        threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(3)]
-        threads.append(threading.Thread(target=batch_loop))
+        threads = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(3)]
+        threads.append(threading.Thread(target=batch_loop, daemon=True))
         for t in threads:
             t.start()
+        t0 = time.monotonic()
+        span = a.minutes * 60
+        events = [] if a.no_restarts else [(t0 + span / 3, "serve"), (t0 + 2 * span / 3, "scheduler")]
         kills = 0
-        next_kill = time.monotonic() + a.kill_every
-        while time.monotonic() < deadline:
+        next_kill = t0 + a.kill_every if a.kill_every else float("inf")
+        while time.monotonic() < end:
             time.sleep(1)
-            if time.monotonic() >= next_kill and time.monotonic() < deadline - 10:
+            now = time.monotonic()
+            if events and now >= events[0][0]:
+                _, what = events.pop(0)
+                print(f"{time.strftime('%H:%M:%S')} killing the {what} process, then starting it again", flush=True)
+                procs[what].kill()
+                time.sleep(2)
+                procs[what].start()
+            if now >= next_kill and now < end - 10:
                 next_kill += a.kill_every
                 try:
                     pids = ai.client.run(os.getpid, on_error="return")
-                    addr = rnd.choice(sorted(pids))
-                    os.kill(pids[addr], signal.SIGKILL)
+                    victim = rnd.choice(sorted(pids))
+                    os.kill(pids[victim], signal.SIGKILL)
                     kills += 1
-                    print(f"{time.strftime('%H:%M:%S')} killed the worker at {addr}", flush=True)
-                except Exception as e:
+                    print(f"{time.strftime('%H:%M:%S')} killed the worker at {victim}", flush=True)
+                except Exception as e:  # the scheduler may be restarting: the next turn tries again
                     print(f"chaos: {type(e).__name__}: {e}", flush=True)
+        for t in threads:  # the last requests get their deadline
+            t.join(a.deadline + 30)
+        alive = [t for t in threads if t.is_alive()] + [t for t in stuck if t.is_alive()]
+        # (a request past its deadline is counted already; a client loop that never came back
+        # from one is counted once more, as a hang)
         for t in threads:
-            t.join(600)
-        time.sleep(5)  # the last restarted worker settles
-        end_mem = memory()
-
-    done = sum(answers.values())
-    dup = sum(1 for n in batch_lines.values() if n > 1)
-    print(f"\n{a.minutes:g} minutes, 3 clients and the batch commands, {kills} workers killed")
-    print(f"requests done: {done} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
-    print(f"lost: {len(lost)}")
-    for line in lost[:20]:
-        print("  " + line)
-    print(f"duplicated: {dup}")
-    print("worker memory (RSS) at start -> end:")
-    for name in sorted(set(start_mem) | set(end_mem)):
-        s, e = start_mem.get(name), end_mem.get(name)
-        print(f"  {name:<8} {format_bytes(s) if s else '-':>10} -> {format_bytes(e) if e else '-':>10}")
-    print(f"\nRESULT soak lost={len(lost)} target=0")
+            if t.is_alive():
+                tally.add("generate", "late", f"{t.name}: still running when the soak ended")
+        ai.close()
+    finally:
+        for name in ("serve", "pc1", "pc2", "cpu", "scheduler"):
+            if name in procs:
+                procs[name].stop()
+    print(f"\n{a.minutes:g} minutes: 3 clients and the batch commands, {kills} workers killed"
+          + ("" if a.no_restarts else ", the gateway and the scheduler restarted once each")
+          + (f"; fault injected: {a.inject}" if a.inject else ""))
+    print("processes: a scheduler, 3 workers (one llama.cpp / torch thread each) and a gateway, "
+          f"{os.cpu_count()} cores\n")
+    print(tally.table())
+    if tally.examples:
+        print("\nexamples:")
+        for line in tally.examples[:15]:
+            print("  " + line)
+    print(f"\nthreads still running at the end: {len(alive)}; logs in {folder}")
+    print(f"RESULT soak lost={tally.failures()} target=0")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -141,6 +141,11 @@ def test_model_throughput_suite(ai, tmp_path):
     emb = [r for r in recs if r["job_type"] == "embed_throughput"]
     assert {(r["params"]["batch_size"], r["params"]["context_length"]) for r in llm} == {(1, 32), (2, 32), (1, 256), (2, 256)}
     assert all(r["value"] > 0 and r["unit"] == "tokens/s" for r in llm)
+    # prefill and decode timed apart; a check that can fail: every request reached max_tokens
+    # (or a stop), and the lone request equals a fresh single-sequence context
+    assert all(r["prefill_seconds"] > 0 and r["prefill_tokens_per_second"] > 0 for r in llm)
+    assert all(r["check"]["passed"] for r in llm), [r["check"] for r in llm]
+    assert any("equals a fresh single-sequence context" in r["check"]["detail"] for r in llm)
     assert {r["params"]["batch_size"] for r in emb} == {16, 64} and all(r["unit"] == "vectors/s" for r in emb)
     assert (tmp_path / "llm_throughput.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -312,38 +312,84 @@ def run_job(job: dict) -> dict:
 
 # -- model throughput -----------------------------------------------------------------------
 def llm_throughput(model: str, spec, batch_sizes=(1, 4), context_lengths=(64, 512), max_tokens: int = 32) -> list[dict]:
-    """Generation tokens/s for each batch size x prompt length, with the resident model.
+    """Generation tokens/s for each batch size x prompt length, with the resident model;
+    prefill and decode timed apart.
 
     A batch's prompts are submitted at once: the llama.cpp backend decodes them in one
-    batch (up to its ``parallel`` slots), other backends one after another. The number is
-    what one worker delivers for that many concurrent requests.
+    batch (up to its ``parallel`` slots), other backends one after another. Every prompt is
+    new (a nonce at its start), so no cached prefix makes a later batch look faster. The
+    check can fail: every request must end at ``max_tokens`` or a stop, and the lone
+    request of the first length must give exactly the tokens of a fresh single-sequence
+    llama.cpp context (a second engine, in its own child process, with the same batch
+    settings; llamacpp models only). The value is decode tokens/s.
     """
+    import uuid
+
     ctx = _context()
     host = ctx["host"]
     out = []
     with host.acquire(model, spec) as m:
         base = " ".join(["the cluster routes work to the worker that holds the model"] * 64)
         ids = m.tokenize(base) if hasattr(m, "tokenize") else None
+        lone: dict | None = None
         for n_ctx in context_lengths:
             prompt = base
             if ids is not None and hasattr(m, "detokenize"):
                 prompt = m.detokenize(ids[1:n_ctx])
             for bs in batch_sizes:
+                run = uuid.uuid4().hex[:8]
+                prompts = [f"Run {run} item {i}: {prompt}" for i in range(bs)]
                 t = time.perf_counter()
-                tokens = 0
                 if hasattr(m, "submit"):  # batched decoding: all at once
-                    reqs = [m.submit(f"{i} {prompt}", max_tokens=max_tokens) for i in range(bs)]
-                    tokens = sum(r.wait()["completion_tokens"] for r in reqs)
+                    reqs = [m.submit(p, max_tokens=max_tokens) for p in prompts]
+                    results = [r.wait() for r in reqs]
                 else:
-                    for i in range(bs):
-                        tokens += m.generate(f"{i} {prompt}", max_tokens=max_tokens)["completion_tokens"]
+                    results = [m.generate(p, max_tokens=max_tokens) for p in prompts]
                 secs = time.perf_counter() - t
+                if lone is None and bs == 1:
+                    lone = {"prompt": prompts[0], "text": results[0]["text"]}
+                tokens = sum(r["completion_tokens"] for r in results)
+                # prefill: until the last request of the batch had its first token
+                pre = max((r.get("queue_seconds") or 0) + (r.get("prefill_seconds") or 0) for r in results)
+                pre = min(pre, secs) if pre else 0.0
+                decode_tokens = tokens - sum(1 for r in results if r["completion_tokens"])
+                decode_secs = max(secs - pre, 1e-9)
+                short = [i for i, r in enumerate(results)
+                         if r["finish_reason"] not in ("length", "stop")
+                         or (r["finish_reason"] == "length" and r["completion_tokens"] != max_tokens)]
+                check = {"passed": not short and tokens > 0,
+                         "detail": f"{tokens} tokens generated" + (f"; requests {short} ended short" if short else "")}
                 rec = _record("llm_throughput", {"model": model, "batch_size": bs, "context_length": n_ctx,
-                                                 "max_tokens": max_tokens}, "q4_k_m" if spec.backend == "llamacpp" else "float32",
-                              ctx, [secs], "tokens/s", tokens / secs, "tokens/s",
-                              {"passed": tokens > 0, "detail": f"{tokens} tokens generated"})
+                                                 "max_tokens": max_tokens},
+                              "q4_k_m" if spec.backend == "llamacpp" else "float32", ctx, [secs], "decode tokens/s",
+                              decode_tokens / decode_secs, "tokens/s", check,
+                              prefill_tokens_per_second=(sum(r["prompt_tokens"] for r in results) / pre) if pre else None,
+                              prefill_seconds=pre, decode_seconds=decode_secs)
                 out.append(rec)
+    if lone is not None and spec.backend == "llamacpp" and out:
+        ref = _single_process_text(model, spec, lone["prompt"], max_tokens)
+        same = ref == lone["text"]
+        first = next(r for r in out if r["params"]["batch_size"] == 1)
+        first["check"]["passed"] = first["check"]["passed"] and same
+        first["check"]["detail"] += ("; the lone request equals a fresh single-sequence context" if same else
+                                     f"; the lone request differs from a fresh single-sequence context: {lone['text']!r}"
+                                     f" vs {ref!r}")
     return out
+
+
+def _single_process_text(model: str, spec, prompt: str, max_tokens: int) -> str:
+    """Greedy text of ``prompt`` from a fresh one-slot engine of the same model and batch
+    settings, in a child process of its own (and closed after)."""
+    from .backends import llamacpp
+
+    opts = {**spec.options, "parallel": 1, "prefix_cache": False}
+    opts.pop("shard_plan", None)
+    ref = llamacpp.load(spec.model_copy(update={"options": opts, "shard": False}), threads=int(opts.get("n_threads", 1)),
+                        name=f"{model}-reference")
+    try:
+        return ref.generate(prompt, max_tokens=max_tokens)["text"]
+    finally:
+        ref.close()
 
 
 def embed_throughput(model: str, spec, batch_sizes=(16, 64), n_texts: int = 256) -> list[dict]:
