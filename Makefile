@@ -109,15 +109,19 @@ $(LLAMA_SERVER): | $(PY)
 	tar -xzf $(@D).tmp/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(@D).tmp
 	cmake -S $(@D).tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $(@D).tmp/build -DCMAKE_BUILD_TYPE=Release \
 		$(LLAMA_CMAKE_ARGS) $(LLAMA_CPU_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
-		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF > $(@D).tmp/cmake.log
-	cmake --build $(@D).tmp/build --target llama-server -j2 > $(@D).tmp/build.log
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF > $(@D).tmp/cmake.log 2>&1 \
+		|| { tail -30 $(@D).tmp/cmake.log; exit 1; }
+	@echo "building llama-server with the binding's CPU flags (once, ~9 min; log in $(@D).tmp/build.log)"
+	cmake --build $(@D).tmp/build --target llama-server -j2 > $(@D).tmp/build.log 2>&1 \
+		|| { tail -30 $(@D).tmp/build.log; exit 1; }
 	mkdir -p $(@D) && cp $(@D).tmp/build/bin/llama-server $@ && rm -rf $(@D).tmp
 
 # every bench script, then one table of their RESULT lines (also bench/out/latest.json)
 bench: install $(LLAMA_SERVER)
 	HF_HUB_OFFLINE=1 AICLUSTER_LLAMA_SERVER=$(LLAMA_SERVER) $(PY) bench/run_all.py
 
-# 10 minutes of mixed traffic from 3 clients while a worker is killed every 60 s
+# 10 minutes of mixed traffic (facade, streams, HTTP, batch commands) while a worker is
+# killed every 60 s, and the gateway and the scheduler once each; every failure counted
 soak: install
 	HF_HUB_OFFLINE=1 $(PY) bench/soak.py
 

@@ -62,6 +62,9 @@ def main() -> None:
     print(f"in-process: {a.texts / local:8.1f} texts/s ({local:.2f} s)")
     print(f"cluster:    {a.texts / remote:8.1f} texts/s ({remote:.2f} s, one VRAM6 worker, simulated on CPU)")
     ratio = local / remote
+    print(f"sides: in-process, this one process with {cfg.worker.torch_threads} torch thread(s); cluster, one worker "
+          f"process with {cfg.worker.torch_threads} torch thread(s) (and the scheduler and the others idle); "
+          f"{os.cpu_count()} cores")
     print(f"RESULT embeddings ratio={ratio:.3f} target={TARGET}")
 
 

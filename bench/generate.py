@@ -62,6 +62,9 @@ def main() -> None:
     print(f"cluster cold:         {cold:.3f} s (model loaded by this call)")
     print(f"cluster warm:         {warm:.3f} s (worker {r['worker']}, tier {r['tier']}{' simulated' if r['simulated'] else ''})")
     print(f"cold/warm: {cold / warm:.2f}")
+    threads = int(spec.options.get("n_threads", cfg.worker.torch_threads))
+    print(f"sides: in-process, one llama.cpp engine in a child process of this one, {threads} thread(s); cluster, the "
+          f"same engine in a child of one worker process, {threads} thread(s); {os.cpu_count()} cores")
     print(f"RESULT generate_warm ratio={warm / local:.3f} target={TARGET}")
 
 

@@ -57,6 +57,7 @@ def main() -> None:
     print(f"{a.tasks} tasks on the CPU tier ({slots} slot(s)), median of {a.repeats}:")
     print(f"  client.submit(resources=...)  {pt:6.2f} s  {a.tasks / pt:7.0f} tasks/s")
     print(f"  ai.submit(tier='CPU')         {rt:6.2f} s  {a.tasks / rt:7.0f} tasks/s")
+    print(f"sides: the same cluster, client and tasks; {slots} CPU-tier slot(s); {os.cpu_count()} cores")
     print(f"\nRESULT routed_submit ratio={rt / pt:.3f} target={TARGET:.2f}")
 
 

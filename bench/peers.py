@@ -4,7 +4,8 @@
 llama-cpp-python sdist the binding is built from, with the same CPU flags (the Makefile's
 ``LLAMA_CPU_ARGS``), and cached; its path comes in ``$AICLUSTER_LLAMA_SERVER``. It serves
 the same GGUF with the same llama.cpp threads and slots as one VRAM12 worker of the
-cluster (``--parallel`` = the model's ``parallel``, ``-c`` = ``n_ctx`` x slots), and
+cluster (``--parallel`` = the model's ``parallel``, ``-c`` = ``n_ctx`` x slots, ``-fa`` and
+``-kvu`` as the model's ``flash_attn`` and ``kv_unified``), and
 ``aicluster serve`` stands in front of that worker. Both are driven by the official
 ``openai`` client: 64-token greedy completions with distinct prompts (no cached prefix on
 either side), at 1, 8 and 32 concurrent clients, best of 3 rounds, alternating between
@@ -125,13 +126,18 @@ def main() -> None:
     data["local"]["workers"] = [{"name": "pc1", "tier": "VRAM12", "nthreads": 1, "memory_limit": "4GB"}]
     opts = data["models"]["gemma-270m"]["options"]
     threads, slots, n_ctx = int(opts.get("n_threads", 1)), int(opts.get("parallel", 8)), int(opts.get("n_ctx", 2048))
+    from workloads.backends.llamacpp import FLASH_ATTN_DEFAULT
+
+    fa = bool(opts.get("flash_attn", FLASH_ATTN_DEFAULT))
+    unified = bool(opts.get("kv_unified", False))
     gguf = str(resolve_source(data["models"]["gemma-270m"]["source"]))
     cfg = Path(tempfile.mkdtemp(prefix="aicluster-peers-")) / "config.yaml"
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     peer_port, serve_port = free_port(), free_port()
     peer = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(peer_port), "-t", str(threads),
                              "-tb", str(threads), "--parallel", str(slots), "-c", str(n_ctx * slots), "--no-webui",
-                             "-ngl", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-ngl", "0", "-fa", "on" if fa else "off", "-kvu" if unified else "-no-kvu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows: dict[tuple[str, int], dict] = {}
     try:
         wait_up(f"http://127.0.0.1:{peer_port}/health", peer, "llama-server")
@@ -166,7 +172,8 @@ def main() -> None:
     finally:
         peer.terminate()
         peer.wait(30)
-    print(f"\nsame GGUF, {threads} llama.cpp thread(s), {slots} slots, n_ctx {n_ctx} per slot; "
+    print(f"\nsame GGUF, {threads} llama.cpp thread(s), {slots} slots, n_ctx {n_ctx} per slot, flash attention "
+          f"{'on' if fa else 'off'}, {'one unified KV cache' if unified else 'a KV stream per slot'}; "
           f"{a.tokens}-token greedy completions, distinct prompts, best of {a.rounds} alternating rounds")
     print("each side: one server process (llama-server, or one worker with aicluster serve and a scheduler in "
           f"front), {os.cpu_count()} cores shared with the client")

@@ -37,8 +37,9 @@ def met(name: str, key: str, value: float, target: float) -> bool:
 def run(script: str) -> tuple[list[dict], int, float]:
     """Run ``bench/<script>.py``; its RESULT rows, exit status and seconds."""
     t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # (its lines as they come)
     p = subprocess.Popen([sys.executable, str(HERE / f"{script}.py")], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         stderr=subprocess.STDOUT, text=True, env=env)
     rows = []
     for line in p.stdout:
         sys.stdout.write(line)

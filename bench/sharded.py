@@ -101,6 +101,8 @@ def main() -> None:
     print(f"{'ratio':<28}{sp / lp:>14.2f}{sg / lg:>16.2f}")
     print(f"bytes through the shard servers per generated token (its prompt included): {per_token / 1024:.1f} KiB "
           f"(over a 1 Gbit/s LAN: {per_token * 8 / 1e9 * 1000:.2f} ms per token)")
+    print(f"sides: in-process, one llama.cpp context in this process; split, a head and two shard server processes, "
+          f"1 llama.cpp thread each; {os.cpu_count()} cores")
     print(f"\nRESULT sharded ratio={sg / lg:.3f} target={TARGET:.2f}")
 
 

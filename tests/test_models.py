@@ -47,11 +47,12 @@ def test_greedy_generation_equals_in_process_llama_cpp(ai):
     from llama_cpp import Llama
 
     from workloads.backends._source import resolve_source
+    from workloads.backends.llamacpp import FLASH_ATTN_DEFAULT
 
     prompt = "Question: What is a GPU?\nAnswer:"
     got = ai.generate_now(prompt, max_tokens=24, temperature=0)
     llm = Llama(model_path=str(resolve_source(ai.config.models["gemma-270m"].source)), n_ctx=2048,
-                n_threads=1, n_gpu_layers=0, verbose=False)
+                n_threads=1, n_gpu_layers=0, flash_attn=FLASH_ATTN_DEFAULT, verbose=False)  # (the cluster's)
     try:
         want = llm.create_completion(prompt, max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)
     finally:

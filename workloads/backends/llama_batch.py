@@ -131,10 +131,13 @@ class BatchEngine:
         Shortest cached prefix worth reusing, in tokens.
     kv_unified
         One KV cache for every sequence (see the module docstring); default one per sequence.
+    flash_attn
+        llama.cpp's flash attention (``LLAMA_FLASH_ATTN_TYPE_ENABLED``, else disabled).
     """
 
     def __init__(self, model, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1, n_batch: int = 512,
-                 n_ubatch: int = 512, name: str = "model", min_reuse: int = 32, kv_unified: bool = False):
+                 n_ubatch: int = 512, name: str = "model", min_reuse: int = 32, kv_unified: bool = False,
+                 flash_attn: bool = False):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
 
@@ -150,7 +153,8 @@ class BatchEngine:
         self.kv_unified = kv_unified
         params.n_threads = n_threads  # the defaults are 4 (notes: set both)
         params.n_threads_batch = n_threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(flash_attn=False)
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = LlamaContext(model=model, params=params, verbose=False)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.vocab = model.vocab
