@@ -6,10 +6,12 @@ A cluster of separate processes, as on several PCs: ``aicluster scheduler``, thr
 serve``. Three facade clients send requests one at a time, each a random kind:
 
 * ``generate`` and ``stream`` (the facade), ``http`` and ``http-stream`` (the official
-  ``openai`` client through the gateway): greedy prompts whose answer was recorded before
-  the chaos began (only prompts that give the same text alone and in a batch are used);
+  ``openai`` client through the gateway): greedy prompts whose possible answers an
+  in-process llama.cpp run lists before the chaos begins (where its best two tokens are
+  within ``MARGIN`` logits, a near-tie that another batch-mate's rounding may tip, both are
+  followed: ``greedy_texts``);
 * ``embed``: texts whose vectors were recorded before (compared within float tolerance);
-* ``pipeline``: the shipped ``rag`` pipeline (its answer compared with the one recorded);
+* ``pipeline``: the shipped ``rag`` pipeline (its answer listed the same way);
 * ``job``: a benchmark job (its own check);
 
 and a fourth runs the batch commands (``aicluster generate`` / ``aicluster submit``) as a
@@ -20,7 +22,8 @@ what was lost). Each request has a deadline. Counted per kind:
 
 * ``lost``: an exception (a valid request must not fail);
 * ``late``: no answer by the deadline, or still running when the soak ends;
-* ``wrong``: an answer that differs from the recorded one, or a failed job check;
+* ``wrong``: a text not in its prompt's list (repeated, cut or foreign text), a stream whose
+  pieces do not add up to its text, embeddings off the recorded ones, a failed job check;
 * ``duplicated``: a stream whose pieces repeat text (pieces longer than the text), or a
   batch command's output with two lines for one id.
 
@@ -51,6 +54,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 BIN = Path(sys.executable).parent
 KINDS = ("generate", "stream", "http", "http-stream", "embed", "pipeline", "job")
 COLUMNS = ("sent", "done", "lost", "late", "wrong", "duplicated")
@@ -144,6 +148,58 @@ def call(fn, deadline: float):
     return "done", box["value"]
 
 
+MARGIN = 0.15  # logits: two tokens closer than this are a near-tie that rounding may decide (seen: < 0.1)
+
+
+def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MARGIN, cap: int = 64) -> set[str]:
+    """Every text a greedy run of ``prompt`` can give when the sums round a little
+    differently (another batch size or batch-mate picks another kernel or order): an
+    in-process llama.cpp run that, wherever its best two tokens are within ``margin``
+    logits of each other, follows both (at most ``cap`` texts). A text outside the set is
+    wrong: repeated or missing text, another request's text, a cut, a wrong prompt.
+    Tokenized, decoded and cut at stop strings as the cluster's engine does."""
+    import numpy as np
+    from llama_cpp import llama_cpp as lib
+
+    from workloads.backends.chat import tokenize_prompt
+
+    texts: set[str] = set()
+    n_vocab = llm.n_vocab()
+    held: list[int] = []  # the tokens in the KV cache (of the branch evaluated last)
+
+    def logits_after(ids: list[int]) -> np.ndarray:
+        # the common part stays cached (Llama.eval drops the cells past n_tokens first);
+        # Llama.save_state would copy n_ctx x vocab scores, and without logits_all Llama
+        # keeps no scores: the last row is read from the context
+        n = 0
+        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
+            n += 1
+        llm.n_tokens = n
+        llm.eval(ids[n:])
+        held[:] = ids
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)).copy()
+
+    prompt_ids = tokenize_prompt(llm, prompt)
+    todo = [(prompt_ids, b"", logits_after(prompt_ids))]  # (tokens, text bytes, next-token logits)
+    while todo:
+        ids, text, logits = todo.pop()
+        best = np.argsort(logits)[::-1][:2]
+        tie = logits[best[0]] - logits[best[1]] < margin and len(texts) + len(todo) < cap  # (then: best only)
+        choices = ([int(best[1])] if tie else []) + [int(best[0])]  # (the best is popped first)
+        for tok in choices:
+            if lib.llama_vocab_is_eog(llm._model.vocab, tok):
+                texts.add(text.decode("utf-8", errors="ignore"))
+                continue
+            t = text + llm.detokenize([tok], special=False)
+            s = t.decode("utf-8", errors="ignore")
+            hits = [i for i in (s.find(x) for x in stop) if i >= 0]
+            if hits or len(ids) + 1 - len(prompt_ids) >= max_tokens:
+                texts.add(s[: min(hits)] if hits else s)
+                continue
+            todo.append((ids + [tok], t, logits_after(ids + [tok])))
+    return texts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)
@@ -187,28 +243,49 @@ def main(argv: list[str] | None = None) -> int:
         ai = connect(str(cfg), address=addr, timeout=60)
         procs["serve"].wait_for("serving the cluster at")
         # -- the answers, before any chaos ------------------------------------------------------
+        # greedy answers: the texts an in-process llama.cpp run allows (near-ties followed both
+        # ways, as another batch-mate may round them); the cluster's, alone and batched, must be in it
+        from llama_cpp import Llama
+
+        from workloads.backends._source import resolve_source
+        from workloads.pipeline import as_text
+
+        llm = Llama(model_path=str(resolve_source(data["models"]["gemma-270m"]["source"])), n_ctx=512,
+                    n_threads=1, n_threads_batch=1, n_gpu_layers=0, verbose=False)
+        allowed = {p: greedy_texts(llm, p, 16) for p in PROMPTS}
         alone = {p: ai.generate_now(p, max_tokens=16)["text"] for p in PROMPTS}
         together = dict(zip(PROMPTS, (r["text"] for r in ai.generate_now(PROMPTS, max_tokens=16))))
-        stable = [p for p in PROMPTS if alone[p] == together[p]]  # near-ties move with the batch
-        if not stable:
-            raise SystemExit("no prompt gives the same greedy text alone and in a batch")
-        ref_text = {p: alone[p] for p in stable}
+        stable = [p for p in PROMPTS if alone[p] in allowed[p] and together[p] in allowed[p]]
+        if len(stable) < len(PROMPTS) // 2:
+            raise SystemExit("the cluster's greedy texts are not those of in-process llama.cpp: "
+                             + "; ".join(f"{p!r}: {alone[p]!r} / {together[p]!r} not in {sorted(allowed[p])!r}"
+                                         for p in PROMPTS if p not in stable))
         texts = [f"passage {k} about graphics cards in a home lab" for k in range(20)]
         ref_vec = ai.embed_now(texts)
-        ref_rag = {q: ai.run_pipeline("rag", question=q)["answer"]["text"] for q in QUESTIONS}
+        stage = yaml.safe_load((ROOT / "workloads" / "pipelines" / "rag.yaml").read_text())["stages"]["answer"]
+        ref_rag, allowed_rag = {}, {}
+        for q in QUESTIONS:
+            out = ai.run_pipeline("rag", question=q)
+            ref_rag[q] = out["answer"]["text"]
+            prompt = stage["prompt"].format(retrieve=as_text(out["retrieve"]), question=q)
+            allowed_rag[q] = greedy_texts(llm, prompt, stage["options"]["max_tokens"], stage["options"]["stop"])
+            if ref_rag[q] not in allowed_rag[q]:
+                raise SystemExit(f"rag {q!r}: the cluster's {ref_rag[q]!r} not in {sorted(allowed_rag[q])!r}")
+        llm.close()
         if a.inject == "drop-reply":
             from soak_faults import DropOneReply
 
             ai.client.register_plugin(DropOneReply(), name="aicluster-soak-drop-one-reply")
-        print(f"{len(stable)} of {len(PROMPTS)} prompts give one greedy text alone and batched; chaos starts",
-              flush=True)
+        print(f"{len(stable)} of {len(PROMPTS)} prompts give, alone and batched, a text in-process llama.cpp "
+              f"allows ({sum(map(len, allowed.values()))} texts for {len(PROMPTS)} prompts: near-ties within "
+              f"{MARGIN:g} logits followed both ways); chaos starts", flush=True)
         end = time.monotonic() + a.minutes * 60
 
         def check_text(kind: str, p: str, text: str, pieces: str | None = None) -> None:
             if pieces is not None and len(pieces) > len(text):  # a piece came twice
                 tally.add(kind, "duplicated", f"{p!r}: pieces {pieces!r} for text {text!r}")
-            elif text != ref_text[p] or (pieces is not None and pieces != text):
-                tally.add(kind, "wrong", f"{p!r}: {text!r} (pieces {pieces!r}) != {ref_text[p]!r}")
+            elif text not in allowed[p] or (pieces is not None and pieces != text):
+                tally.add(kind, "wrong", f"{p!r}: {text!r} (pieces {pieces!r}) not in {sorted(allowed[p])!r}")
             else:
                 tally.add(kind, "done")
 
@@ -256,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 tally.add(kind, "done" if ok else "wrong", "vectors differ from the recorded ones")
             elif kind == "pipeline":
                 q, text = value
-                tally.add(kind, "done" if text == ref_rag[q] else "wrong", f"{q!r}: {text!r} != {ref_rag[q]!r}")
+                tally.add(kind, "done" if text in allowed_rag[q] else "wrong",
+                          f"{q!r}: {text!r} not in {sorted(allowed_rag[q])!r}")
             else:
                 ok = value.get("status") == "completed" and (value.get("check") or {}).get("passed", True)
                 tally.add(kind, "done" if ok else "wrong", str(value.get("error") or value.get("check")))
@@ -304,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                         tally.add(kind, "duplicated", f"{i}: {len(mine)} lines")
                     elif not mine or mine[0].get("status", "completed") != "completed":
                         tally.add(kind, "lost", f"{i}: no answer (exit {r.returncode}): {err}")
-                    elif kind == "cli-generate" and mine[0].get("text") != ref_text[chosen[i]]:
-                        tally.add(kind, "wrong", f"{i}: {mine[0].get('text')!r} != {ref_text[chosen[i]]!r}")
+                    elif kind == "cli-generate" and mine[0].get("text") not in allowed[chosen[i]]:
+                        tally.add(kind, "wrong", f"{i}: {mine[0].get('text')!r} not in {sorted(allowed[chosen[i]])!r}")
                     else:
                         tally.add(kind, "done")
 

@@ -34,3 +34,30 @@ def test_a_one_minute_soak_reports_a_dropped_reply(env_with_tests):
     assert late >= 1 and late == lost, out  # ... as a request past its deadline, and nothing else failed
     assert all(r["lost"] == r["wrong"] == r["duplicated"] == 0 for r in rows.values()), out
     assert sum(r["done"] for r in rows.values()) > 10, out
+
+
+def test_the_soak_lists_near_greedy_texts_and_nothing_else():
+    """``greedy_texts``, the soak's judge of a greedy answer, in-process: with no margin it is
+    llama-cpp-python's own greedy completion; with the soak's margin it holds more texts (the
+    near-ties), each the length it must be, and not the repeated or cut text a fault gives."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from llama_cpp import Llama
+    from soak import MARGIN, PROMPTS, greedy_texts
+
+    from cluster.config import load_config
+    from workloads.backends._source import resolve_source
+
+    llm = Llama(model_path=str(resolve_source(load_config().models["gemma-270m"].source)), n_ctx=512,
+                n_threads=1, n_threads_batch=1, n_gpu_layers=0, verbose=False)
+    try:
+        want = llm.create_completion(PROMPTS[7], max_tokens=16, temperature=0.0, top_k=1, repeat_penalty=1.0)
+        assert greedy_texts(llm, PROMPTS[7], 16, margin=0) == {want["choices"][0]["text"]}
+        wide = set().union(*(greedy_texts(llm, p, 16, margin=MARGIN) for p in PROMPTS))
+        assert want["choices"][0]["text"] in wide and len(wide) > len(PROMPTS)  # near-ties do occur
+        assert all(len(llm.tokenize(t.encode(), add_bos=False)) <= 17 for t in wide)  # 16 tokens, give or take a merge
+        text = want["choices"][0]["text"]
+        assert text + text not in wide and text[: len(text) // 2] not in wide
+        stopped = greedy_texts(llm, PROMPTS[7], 16, stop=["GPU"], margin=MARGIN)
+        assert stopped and all("GPU" not in t for t in stopped)
+    finally:
+        llm.close()
