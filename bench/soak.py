@@ -271,15 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         texts = [f"passage {k} about graphics cards in a home lab" for k in range(20)]
         ref_vec = ai.embed_now(texts)
         stage = yaml.safe_load((ROOT / "workloads" / "pipelines" / "rag.yaml").read_text())["stages"]["answer"]
-        ref_rag, allowed_rag = {}, {}
-        for q in QUESTIONS:
-            out = ai.run_pipeline("rag", question=q)
-            ref_rag[q] = out["answer"]["text"]
-            prompt = stage["prompt"].format(retrieve=as_text(out["retrieve"]), question=q)
-            allowed_rag[q] = greedy_texts(llm, prompt, stage["options"]["max_tokens"], stage["options"]["stop"])
-            if ref_rag[q] not in allowed_rag[q]:
-                raise SystemExit(f"rag {q!r}: the cluster's {ref_rag[q]!r} not in {sorted(allowed_rag[q])!r}")
-        llm.close()
+        allowed_rag = {}
+        try:
+            for q in QUESTIONS:
+                out = ai.run_pipeline("rag", question=q)
+                prompt = stage["prompt"].format(retrieve=as_text(out["retrieve"]), question=q)
+                allowed_rag[q] = greedy_texts(llm, prompt, stage["options"]["max_tokens"], stage["options"]["stop"])
+                if out["answer"]["text"] not in allowed_rag[q]:
+                    raise SystemExit(f"rag {q!r}: the cluster's {out['answer']['text']!r} not in "
+                                     f"{sorted(allowed_rag[q])!r}")
+        finally:
+            llm.close()
         if a.inject == "drop-reply":
             from soak_faults import DropOneReply
 
