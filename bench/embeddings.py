@@ -44,7 +44,7 @@ def main() -> None:
 
     from cluster import connect
     from cluster.config import load_config
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     cfg = load_config()
     data = texts(a.texts)

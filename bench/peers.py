@@ -120,7 +120,7 @@ def main() -> None:
 
     from cluster import connect
     from cluster.config import load_config
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     data = load_config().model_dump(exclude={"path"})
     data["local"]["workers"] = [{"name": "pc1", "tier": "VRAM12", "nthreads": 1, "memory_limit": "4GB"}]

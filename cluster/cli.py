@@ -73,7 +73,7 @@ def scheduler(host, port, dashboard_port, config_path):
     cfg = load_cfg(config_path)
     import dask
     from distributed import Scheduler
-    from distributed._signals import wait_for_signals
+    from workloads.compat import wait_for_signals
     from distributed.comm.addressing import unparse_host_port
 
     host = cfg.scheduler.host if host is None else host
@@ -203,7 +203,7 @@ def worker(address, tier, name, nthreads, memory_limit, host, listen_address, wo
 
 async def _run_worker(address: str, cfg, opts: dict, nanny: bool = True, once: bool = False) -> None:
     from distributed import Nanny, Worker
-    from distributed._signals import wait_for_signals
+    from workloads.compat import wait_for_signals
     from distributed.comm import connect
 
     from .local import ai_worker_environ
@@ -265,7 +265,7 @@ def up(host, scheduler_port, dashboard_port, config_path):
     """
     quiet_dask()
     cfg = load_cfg(config_path)
-    from distributed._signals import wait_for_signals
+    from workloads.compat import wait_for_signals
 
     from .client import connect
 
@@ -354,7 +354,7 @@ def demo(config_path, dashboard_port):
     """
     quiet_dask()
     cfg = load_cfg(config_path)
-    from workloads.demo import run_demo
+    from .demo import run_demo
 
     try:
         run_demo(cfg, dashboard_port=dashboard_port)
@@ -392,7 +392,7 @@ def serve(address, host, port, ssl_certfile, ssl_keyfile, config_path):
     quiet_dask()
     cfg = load_cfg(config_path)
     from .security import is_loopback
-    from .serve import KEYS_ENV, Gateway, api_keys, create_app
+    from .gateway import KEYS_ENV, Gateway, api_keys, create_app
 
     keys = api_keys(cfg)
     host = cfg.server.host if host is None else host

@@ -1,4 +1,11 @@
-"""Batch commands that use models: ``aicluster embed`` and ``aicluster generate``."""
+"""Batch commands that use models: ``aicluster embed`` and ``aicluster generate``.
+
+Why this module is long: it holds the CLI's batch family (embed, generate, pipeline, jobs,
+cancel, bench, submit, shard), one self-contained function per command with its own
+``--help`` text and examples; the shared plumbing lives in ``cli_common.py`` and the work in
+the modules each command calls. A new batch command goes here; another family gets its own
+``cli_*.py``.
+"""
 from __future__ import annotations
 
 import json
@@ -58,7 +65,8 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
     from distributed import as_completed
     from tqdm import tqdm
 
-    from .client import _task, precheck
+    from workloads.backends import precheck
+    from workloads.embeddings import embed_task
 
     output = _output(output)
     if output.exists() and output.samefile(file):
@@ -132,15 +140,15 @@ def embed_cmd(file, output, address, model, batch_size, chunk_size, normalize, r
                     bar.update(part["n"])
 
                 try:
-                    spec, route = ai._model_route(model, ("sentence_transformers",), "embed texts")
+                    spec, route = ai.core.model_route(model, ("sentence_transformers",), "embed texts")
                     if spread:
                         from .spread import spread_embed
 
-                        spread_embed(ai, spec, model, lines, params, chunk_size=chunk_size, skip=set(done),
+                        spread_embed(ai.core, spec, model, lines, params, chunk_size=chunk_size, skip=set(done),
                                      priority=priority, on_part=lambda off, part, h: keep(part), wait=True)
                     else:
                         def submit(i):
-                            return ai._submit_routed(route, f"embed with {model}", _task("embed"),
+                            return ai.core.submit_routed(route, f"embed with {model}", embed_task,
                                                      lines[i:i + chunk_size], model, spec, params, offset=i,
                                                      kind="embed", priority=priority)
 
@@ -208,7 +216,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
     from distributed import as_completed
     from tqdm import tqdm
 
-    from .client import precheck
+    from workloads.backends import precheck
 
     output = _output(output)
     jobs = _read_prompts(prompts_file, max_tokens)
@@ -276,7 +284,7 @@ def generate_cmd(prompts_file, output, address, model, max_tokens, temperature, 
                     spec = ai.config.model(model)
                     params = [dict(max_tokens=j["max_tokens"], temperature=float(temperature), top_p=1.0, stop=[],
                                    seed=None) for j in todo]
-                    spread_generate(ai, spec, model, [j["prompt"] for j in todo], params, priority=priority,
+                    spread_generate(ai.core, spec, model, [j["prompt"] for j in todo], params, priority=priority,
                                     on_part=lambda i, r, h: record(todo[i], r),
                                     on_error=lambda i, err: failed_one(todo[i], err), wait=True)
                 else:
@@ -401,11 +409,9 @@ def pipeline_cmd(spec, sets, address, as_json, priority, config_path):
       aicluster pipeline rag --set question="Which file format does llama.cpp use?"
       aicluster pipeline my_pipeline.yaml --address tcp://192.168.1.10:8786 --json
     """
-    import importlib
-
     import yaml
 
-    pipeline = importlib.import_module("workloads.pipeline")
+    from . import pipeline
     params = {}
     for item in sets:
         name, sep, value = item.partition("=")
@@ -421,7 +427,7 @@ def pipeline_cmd(spec, sets, address, as_json, priority, config_path):
         raise click.ClickException(str(e)) from None
     with _connect(address, config_path) as ai:
         try:
-            result = pipeline.submit_pipeline(ai, spec_dict, params, priority).result()
+            result = pipeline.submit_pipeline(ai.core, spec_dict, params, priority).result()
         except (pipeline.PipelineError, pipeline.StageFailed) as e:
             raise click.ClickException(str(e)) from None
     if as_json:
@@ -599,9 +605,7 @@ def submit_cmd(jobs_file, output, force, in_flight, priority, address, config_pa
                     tqdm.write(f"job {o['job_id']}: {o['error']}", file=sys.stderr)
 
             res = ai.run_jobs([jobs[i] for i in todo], on_result=write, in_flight=in_flight, ids=todo, priority=priority)
-    import importlib
-
-    format_stats = importlib.import_module("workloads.bench_report").format_stats
+    from .bench_report import format_stats
 
     click.echo(format_stats(res["stats"]))
     click.echo(f"results: {output}")
@@ -632,7 +636,9 @@ def shard_cmd(model, address, workers, load, prompt, max_tokens, as_json, config
       aicluster shard gemma-270m-split --address tcp://192.168.1.10:8786 --load
       aicluster shard gemma-270m-split --workers pc1-VRAM12-9000,pc2-VRAM6-9000 --load --prompt "Hello"
     """
-    from .shards import ShardPlanError, ShardServerError
+    from workloads.shard_protocol import ShardServerError
+
+    from .shard_plan import ShardPlanError
 
     names = [w.strip() for w in workers.split(",") if w.strip()] if workers else None
     with _connect(address, config_path) as ai:

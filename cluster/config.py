@@ -14,10 +14,11 @@ import yaml
 from dask.utils import parse_bytes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+#: the backends the workloads package ships (their code loads only on a worker that uses them)
+from workloads.backends import BUILTIN as BACKENDS
+
 __all__ = ["Config", "ConfigError", "load_config", "find_config", "BACKENDS"]
 
-#: Backends known to the workloads package; `cluster` never imports their code.
-BACKENDS = ("sentence_transformers", "llamacpp", "transformers")
 
 ENV_VAR = "AICLUSTER_CONFIG"
 

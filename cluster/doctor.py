@@ -7,6 +7,10 @@ every worker (``client.run``) with each worker's clock offset, one section per P
 
 Only the standard library is imported at the top: workers import this module to run their
 checks, and that should not pull the client stack into a worker process.
+
+Why this module is long: eight independent sections of checks (versions, the llama.cpp
+build against the CPU, torch and CUDA, models, disk, ports, TLS, the cluster's PCs), one
+function each, plus the report; splitting them would scatter one command's checks.
 """
 from __future__ import annotations
 
@@ -207,7 +211,7 @@ def model_rows(cfg: Any, checksums: bool = False) -> list[Row]:
     (checked against the package's ``EXPECTED_SHA256`` where it has one)."""
     import importlib
 
-    from workloads.backends._source import local_path
+    from workloads.backends.sources import local_path
 
     rows = []
     for name, spec in cfg.models.items():

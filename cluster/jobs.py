@@ -29,10 +29,12 @@ from collections import OrderedDict
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from workloads.compat import SCHEDULER_LOST, future_state
+
 from .routing import ANNOTATION
 from .status import text_table
 
-__all__ = ["JobBoard", "job_rows", "format_jobs", "STATES", "JobCancelled", "SchedulerLost", "failure",
+__all__ = ["JobList", "JobBoard", "job_rows", "format_jobs", "STATES", "JobCancelled", "SchedulerLost", "failure",
            "wait_for_scheduler", "wait_all", "default_jobs_db"]
 
 logger = logging.getLogger("cluster.jobs")
@@ -304,8 +306,8 @@ def failure(future) -> BaseException | None:
         return future.exception()
     # distributed cancels every future with this reason when the client loses the scheduler
     # (Client._reconnect); the future keeps it on its state
-    reason = getattr(getattr(getattr(future, "_state", None), "exception", None), "reason", None)
-    if reason == "scheduler-connection-lost":
+    reason = getattr(getattr(future_state(future), "exception", None), "reason", None)
+    if reason == SCHEDULER_LOST:
         return SchedulerLost(f"job {future.key} was lost with the scheduler")
     return JobCancelled(f"job {future.key} was {future.status}")
 
@@ -335,3 +337,21 @@ def default_jobs_db(port: int) -> str:
     """Where ``aicluster scheduler`` keeps its job board when ``scheduler.jobs_db`` is empty."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(base, "aicluster", f"jobs-{port}.sqlite3")
+
+
+class JobList(list):
+    """Job rows (dicts) that print as a table and render in notebooks."""
+
+    def __str__(self) -> str:
+        return format_jobs(self)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return "<pre>" + html.escape(format_jobs(self)) + "</pre>"
+
+    def by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self:
+            out[r["state"]] = out.get(r["state"], 0) + 1
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 import dask
 import yaml
@@ -17,8 +18,10 @@ from distributed import Nanny, Scheduler, SpecCluster, Worker
 from distributed.comm.addressing import unparse_host_port
 
 from .config import Config, load_config
+from .routing import TierGuard
 
-__all__ = ["local_cluster", "worker_spec", "ai_worker_environ"]
+__all__ = ["local_cluster", "worker_spec", "ai_worker_environ", "wait_for_hosts", "unguarded_main_call",
+           "refuse_in_worker_bootstrap", "shut_down", "MAIN_GUARD_HELP"]
 
 
 def _config_file(cfg: Config) -> str:
@@ -140,3 +143,113 @@ def ai_worker_environ():
     import dask
 
     return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+
+# -- starting and stopping the embedded cluster (``cluster.connect``, ``AICluster.close``) ----------
+def _hosts_reporting(dask_scheduler=None) -> int:
+    return sum(1 for ws in dask_scheduler.workers.values() if "aicluster" in (ws.metrics or {}))
+
+
+def wait_for_hosts(client, n: int, timeout: float) -> None:
+    """Until ``n`` workers' heartbeats carry their ModelHost (budget, models, shard server),
+    so that the first ``status()`` of a new embedded cluster shows them (at most ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(_hosts_reporting) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+MAIN_GUARD_HELP = (
+    "connect() is called at the top level of this script; the embedded cluster starts each worker in a "
+    "new Python process that imports the script, which would call connect() again, without end. Put the "
+    "calls under  if __name__ == \"__main__\":  (see the README, \"From Python and notebooks\")."
+)
+
+
+def unguarded_main_call() -> str | None:
+    """``"script.py:12"`` when this call comes from the top level of the ``__main__`` script,
+    outside ``if __name__ == "__main__":`` (each worker process would run it again), else None.
+    """
+    import ast
+    import inspect
+
+    frame = inspect.currentframe().f_back
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    path = frame.f_globals.get("__file__") if frame is not None else None
+    if not path or not str(path).endswith(".py"):
+        return None  # a notebook, `python -c`, an interactive session: nothing re-imports them
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    line = frame.f_lineno
+
+    def is_main_guard(node) -> bool:
+        t = node.test
+        return (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq)
+                and {ast.unparse(t.left), ast.unparse(t.comparators[0])} == {"__name__", "'__main__'"})
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and is_main_guard(node) and node.lineno <= line <= (node.end_lineno or line):
+            return None
+    return f"{path}:{line}"
+
+
+def refuse_in_worker_bootstrap() -> None:
+    """Inside a process that multiprocessing is still starting (it re-imports the parent's
+    script as ``__mp_main__``), starting a cluster would fork processes without end; Python
+    answers with a wall of tracebacks. Say what to do instead, once, and leave."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        import sys
+
+        print(f"aicluster: {MAIN_GUARD_HELP}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+def shut_down(client, cluster) -> None:
+    """Shut the embedded cluster down: workers first, then the scheduler."""
+    if client.status != "running":
+        client.close()
+        cluster.close()
+        return
+    # The embedded cluster goes away on purpose: the TierGuard stops re-routing, and
+    # every task is released, so that no worker leaves with results the scheduler
+    # still wants ("Removing worker ... lose already computed task(s)"). Then workers
+    # before the scheduler: a worker process whose scheduler vanished first logs a
+    # heartbeat traceback on the way out.
+    # A task still running (Ctrl-C in the middle of a job) is abandoned: its worker
+    # would log the cancelled task, and its nanny that it had to kill the busy
+    # process; both are expected here, so those two loggers keep quiet meanwhile.
+    from distributed import Future
+
+    nanny_log = logging.getLogger("distributed.nanny")
+    level = nanny_log.level
+    try:
+        client.run_on_scheduler(_stand_down)
+        client.run(_quiet_shutdown)
+        keys = list(client.futures)
+        if keys:
+            client.cancel([Future(k, client) for k in keys], force=True)
+        nanny_log.setLevel(logging.ERROR)
+        cluster.scale(0)
+        deadline = time.monotonic() + 15
+        while client.scheduler_info(n_workers=-1)["workers"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:  # closing anyway
+        logging.getLogger("cluster.local").debug("graceful worker shutdown failed", exc_info=True)
+    finally:
+        client.close()
+        cluster.close()
+        nanny_log.setLevel(level)
+
+
+def _stand_down(dask_scheduler=None) -> None:
+    guard = dask_scheduler.plugins.get(TierGuard.name)
+    if guard is not None:
+        guard.closing = True
+
+
+def _quiet_shutdown(dask_worker=None) -> None:
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)

@@ -5,12 +5,17 @@ A task reaches it with ``get_worker().plugins[ModelHost.name]`` and asks for a m
 the same time), later requests reuse it. Models are evicted least-recently-used by bytes
 when the worker's budget would be exceeded. ``worker.metrics["aicluster"]`` carries the
 tier, device and resident models in every heartbeat to ``scheduler_info()``.
+
+Why this module is long: ``ModelHost`` is one object with one lock over what a worker holds
+(resident models, loads in flight, shard holds, quarantined models, the budget, eviction):
+each of its methods reads and changes that state together, so it stays one class. Its
+pieces that stand alone live elsewhere (the shard server in ``shard_servers.py``, tiers in
+``tiers.py``, devices in ``devices.py``, the backends in ``workloads/backends``).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import logging
 import threading
 import time
@@ -21,17 +26,17 @@ from typing import Any, Iterator
 import psutil
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from workloads.backends import ModelCrashed
+from workloads.backends import ModelCrashed, backend_module
+from workloads.compat import count_child_memory
+from workloads.host import PLUGIN_NAME  # the name the task functions look the plugin up by
 
-from .config import BACKENDS, Config, ModelConfig, load_config
+from .config import Config, ModelConfig, load_config
 from .devices import detect
 from .tiers import TierAssignment, assign_tier, tier_of_resources
 
-__all__ = ["ModelHost", "ModelDoesNotFit", "Resident", "PLUGIN_NAME"]
+__all__ = ["ModelHost", "ModelDoesNotFit", "Resident", "PLUGIN_NAME", "cancel_on_worker", "unload_on_worker"]
 
 logger = logging.getLogger("cluster.plugin")
-
-PLUGIN_NAME = "aicluster-modelhost"
 
 
 class ModelDoesNotFit(MemoryError):
@@ -51,21 +56,9 @@ class ModelDoesNotFit(MemoryError):
         return (type(self), (self.model, self.need, self.budget, self.where, self.how))
 
 
-def _backend_module(backend: str):
-    """The module and function name that load a backend's models.
-
-    The three built-in backends live in ``workloads.backends``; a dotted path
-    ``"package.module:function"`` names a user's own. Imported by name so that ``cluster``
-    never depends on ``workloads`` at import time.
-    """
-    path = f"workloads.backends.{backend}:load" if backend in BACKENDS else backend
-    module, _, attr = path.partition(":")
-    return importlib.import_module(module), attr or "load"
-
-
 def backend_loader(backend: str):
     """The function that loads a model of ``backend``: ``load(spec, device, threads, name)``."""
-    module, attr = _backend_module(backend)
+    module, attr = backend_module(backend)
     return getattr(module, attr)
 
 
@@ -266,6 +259,11 @@ class ModelHost(WorkerPlugin):
             self._holds[model] = (int(nbytes), time.time())
         return {"held": int(nbytes), "used": self.used, "budget": self.budget}
 
+    def holds(self) -> dict[str, int]:
+        """``{model: bytes}`` of the split models' layers counted here (see ``hold_shard``)."""
+        with self._lock:
+            return {m: b for m, (b, _) in self._holds.items()}
+
     def release_shard(self, model: str) -> bool:
         """Stop counting ``model``'s layers here (its head unloaded it)."""
         with self._lock:
@@ -290,7 +288,7 @@ class ModelHost(WorkerPlugin):
             return None
         from distributed.comm import get_address_host
 
-        from .shards import ShardServer
+        from .shard_servers import ShardServer
 
         server = ShardServer(get_address_host(worker.address), port, device=self.device,
                              threads=self.config.worker.torch_threads, name=str(worker.name))
@@ -307,12 +305,11 @@ class ModelHost(WorkerPlugin):
         is its documented seam. The nanny's terminate threshold still measures the worker
         process only.)"""
         monitor = getattr(worker, "monitor", None)
-        if monitor is None or getattr(monitor, "_aicluster_children", False):
+        if monitor is None:
             return
-        own = monitor.get_process_memory
 
-        def process_memory() -> int:
-            n = own()
+        def children() -> int:
+            n = 0
             for pid in self._child_pids():
                 try:
                     n += psutil.Process(pid).memory_info().rss
@@ -320,8 +317,7 @@ class ModelHost(WorkerPlugin):
                     pass
             return n
 
-        monitor.get_process_memory = process_memory
-        monitor._aicluster_children = True
+        count_child_memory(monitor, children)
 
     def _child_pids(self) -> list[int]:
         """This host's own child processes (engines of its models, its shard server); not every
@@ -523,7 +519,7 @@ class ModelHost(WorkerPlugin):
             info = {**self.shard_server.info(), "free": max(self.budget - self.used, 0)}
         except Exception as e:  # a metric callback that raises drops the whole metric
             info = {"endpoint": self.shard_server.endpoint, "alive": False, "last_error": str(e)}
-        return {"shard_server": info, "shards": {m: b for m, (b, _) in self._holds.items()}}
+        return {"shard_server": info, "shards": self.holds()}
 
     # -- internals -------------------------------------------------------------------------
     def _default_budget(self) -> int:
@@ -588,7 +584,7 @@ class ModelHost(WorkerPlugin):
             self.evictions.append(victim)
             self.unload(victim)
 
-    def _set_threads(self) -> None:
+    def set_threads(self) -> None:
         if self._threads_set:
             return
         self._threads_set = True
@@ -602,8 +598,8 @@ class ModelHost(WorkerPlugin):
         plan = spec.options.get("shard_plan")
         # a split model's head holds its input layer here; the rest is on the shard servers
         self._make_room(int(plan["head_bytes"]) if plan else spec.footprint, name)
-        self._set_threads()
-        module, attr = _backend_module(spec.backend)
+        self.set_threads()
+        module, attr = backend_module(spec.backend)
         load = getattr(module, attr)
         if hasattr(module, "prepare"):
             module.prepare()  # heavy imports happen before the memory baseline
@@ -742,3 +738,25 @@ def _trim_malloc() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# -- run on every worker by the client (``client.run``) ------------------------------------------
+def cancel_on_worker(keys: list, dask_worker=None) -> None:
+    """``client.run``: end the running generations of ``keys`` on this worker."""
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    if host is not None:
+        for k in keys:
+            host.cancel(k)
+
+
+async def unload_on_worker(model: str, dask_worker=None) -> bool:
+    """``client.run``: unload ``model`` here (and its split layers); whether it was resident."""
+    import asyncio
+
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    if host is None:
+        return False
+    # in a thread: unload waits for a task that is using the model, and the worker's
+    # event loop (heartbeats) must not wait with it
+    was = bool(await asyncio.to_thread(host.unload, model))
+    return host.release_shard(model) or was

@@ -22,7 +22,7 @@ restart submits a task under the same key that returns that value, so the same f
 the same answer (at ``temperature > 0`` a second run would give other text).
 
 A stream that had sent text is submitted again with what its reader received (text and
-token ids, ``AICluster._received``): the new run goes on from there, so nothing repeats.
+token ids, ``Core.received``): the new run goes on from there, so nothing repeats.
 
 Not redone, and why:
 * a ``submit``/``map`` without ``retries`` (it may have side effects): Dask's cancellation
@@ -44,7 +44,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
-from distributed.client import FutureState
+from workloads.compat import SCHEDULER_LOST, FutureState, future_state, rearm, set_future_state, wrap_gather
 
 from .jobs import SchedulerLost, wait_for_scheduler
 
@@ -53,7 +53,7 @@ __all__ = ["Redo", "Resubmitted"]
 logger = logging.getLogger("cluster.redo")
 
 #: the reason distributed gives every future when the client loses its scheduler
-LOST = "scheduler-connection-lost"
+LOST = SCHEDULER_LOST
 
 
 @dataclass
@@ -94,8 +94,7 @@ class _RedoableState(FutureState):
                 return  # the error the user saw (or will see) stands; nothing to redo
             if redo._lost(self):
                 # keep waiting: the task is submitted again once the client has reconnected
-                self.status = "pending"
-                self._get_event().clear()
+                rearm(self)
                 return
         elif reason is None and redo._is_waiting(self) and redo.client.status in ("closing", "closed"):
             # the client closes (or gave up reconnecting) while this waits for the scheduler
@@ -129,20 +128,17 @@ class Redo:
     def _watch_gather(self, client) -> None:
         """Remember what tracked futures' ``result()`` / ``gather`` handed out. (distributed
         has no hook for it; ``Client._gather`` is where every fetch goes, on this client only.)"""
-        gather = client._gather
         ref = weakref.ref(self)
 
-        async def _gather(futures, *args, **kwargs):
-            out = await gather(futures, *args, **kwargs)
+        def fetched(futures, values) -> None:
             redo = ref()
-            if redo is not None and isinstance(futures, (list, tuple)) and isinstance(out, (list, tuple)):
-                for f, v in zip(futures, out):
+            if redo is not None:
+                for f, v in zip(futures, values):
                     key = getattr(f, "key", None)
                     if key is not None and key in redo._recipes and not isinstance(v, BaseException):
                         redo._fetched[key] = v
-            return out
 
-        client._gather = _gather
+        wrap_gather(client, fetched)
 
     # -- recording --------------------------------------------------------------------------
     def can_redo(self, deps) -> bool:
@@ -156,7 +152,7 @@ class Redo:
               cleanup: Callable[[], None] | None = None) -> None:
         """``future`` is submitted again by ``resubmit()`` (same key) if the scheduler is lost.
         ``resubmit`` must not hold ``future`` itself (that would keep its key alive)."""
-        st = future._state
+        st = future_state(future)
         if st is None or st.status in ("error", "cancelled"):
             if cleanup is not None:
                 cleanup()
@@ -325,7 +321,7 @@ class Redo:
             FutureState.set_error(state, e, None)
             raise
         self.client.futures[key] = state
-        f._state = state
+        set_future_state(f, state)
         state.status = "pending"
 
     def _abandon(self, state, token, exc: BaseException) -> None:

@@ -15,7 +15,8 @@ import click
 from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
-from .routing import ModelAffinity, TierGuard, WorkerEvents
+from .routing import ModelAffinity, TierGuard
+from .workerview import WorkerEvents
 from .streams import StreamHub
 from .security import listen_addresses, warn_if_open
 

@@ -24,6 +24,9 @@ from typing import Callable
 
 from distributed import as_completed
 
+from workloads.embeddings import embed_task
+from workloads.llm import generate_task
+
 from . import routing
 from .jobs import failure
 
@@ -44,11 +47,11 @@ class Helper:
     pending: set = field(default_factory=set)
 
 
-def capable_workers(ai, spec, model: str, tier: str | None = None, bench_job: str | None = None) -> list[Helper]:
+def capable_workers(core, spec, model: str, tier: str | None = None, bench_job: str | None = None) -> list[Helper]:
     """The live workers of the model's tier and its fallback tiers whose model budget fits
     the model (its measured size where it is resident, else its configured footprint)."""
-    chain = ai.config.fallback_chain(tier or spec.tier)
-    workers = ai._workers()
+    chain = core.config.fallback_chain(tier or spec.tier)
+    workers = core.workers()
     sizes = [((w.get("metrics") or {}).get("aicluster") or {}).get("models", {}).get(model, {}).get("bytes", 0)
              for w in workers.values()]
     need = max([spec.footprint, *sizes])
@@ -68,7 +71,7 @@ def capable_workers(ai, spec, model: str, tier: str | None = None, bench_job: st
         speed = bench.get("value") if (bench.get("params") or {}).get("model") == model else None
         out.append(Helper(address=addr, name=str(w.get("name")), tier=tiers[0], speed=speed))
     if not out:
-        live = sorted(routing.live_tiers(workers, ai.config.tiers))
+        live = sorted(routing.live_tiers(workers, core.config.tiers))
         if too_small:
             raise routing.NoWorkerForTier(chain, live, f"model {model!r} (needs {need / 1e9:.2f} GB; budgets too small: "
                                                        f"{', '.join(too_small)})")
@@ -84,7 +87,7 @@ def _depths(helpers: list[Helper], base: int) -> None:
         h.depth = base if not (ref and h.speed) else max(1, min(4 * base, round(base * h.speed / ref)))
 
 
-def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_chunk: Callable,
+def run_spread(core, helpers: list[Helper], chunks: list[tuple[int, int]], submit_chunk: Callable,
                on_part: Callable[[int, object, Helper], None] | None = None, depth: int = 2,
                on_error: Callable[[int, BaseException], None] | None = None,
                cancelled: Callable[[], bool] = lambda: False) -> dict[int, object]:
@@ -100,7 +103,7 @@ def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_
     queue = list(reversed(chunks))  # pop() takes the first chunks first
     results: dict[int, object] = {}
     owner: dict = {}  # key -> (offset, size, helper, future)
-    ac = as_completed([], loop=ai.client.loop)
+    ac = as_completed([], loop=core.client.loop)
 
     def feed(h: Helper) -> None:
         if cancelled():
@@ -135,13 +138,13 @@ def run_spread(ai, helpers: list[Helper], chunks: list[tuple[int, int]], submit_
             feed(h)
     except BaseException:
         if owner:  # the chunks still running stop too (a generation within a token or two)
-            ai.cancel([f for *_, f in owner.values()])
+            core.cancel([f for *_, f in owner.values()])
         raise
     return results
 
 
-def _pinned_route(ai, h: Helper, model: str, amount: float) -> routing.Route:
-    chain = ai.config.fallback_chain(h.tier)
+def _pinned_route(core, h: Helper, model: str, amount: float) -> routing.Route:
+    chain = core.config.fallback_chain(h.tier)
     return routing.Route(tier=h.tier, chain=chain, workers=[h.address], model=model, amount=amount)
 
 
@@ -174,7 +177,7 @@ def _background(fn: Callable[[Callable[[], bool]], object], name: str) -> concur
     return out
 
 
-def spread_embed(ai, spec, model: str, items: list[str], params: dict, chunk_size: int | None = None,
+def spread_embed(core, spec, model: str, items: list[str], params: dict, chunk_size: int | None = None,
                  single: bool = False, details: bool = False, tier: str | None = None, priority: int = 0,
                  on_part=None, helpers: list[Helper] | None = None, skip: set[int] = frozenset(),
                  wait: bool = False):
@@ -182,22 +185,20 @@ def spread_embed(ai, spec, model: str, items: list[str], params: dict, chunk_siz
     vectors of ``items`` in input order, computed on every capable worker."""
     import numpy as np
 
-    from .client import _task
-
-    helpers = helpers or capable_workers(ai, spec, model, tier, bench_job="embed_throughput")
+    helpers = helpers or capable_workers(core, spec, model, tier, bench_job="embed_throughput")
     if chunk_size is None:  # small enough that each worker pulls several
         chunk_size = max(params.get("batch_size", 64), math.ceil(len(items) / (8 * len(helpers))))
     token = uuid.uuid4().hex[:12]
-    fn = _task("embed")
+    fn = embed_task
 
     def submit_chunk(off, size, h):
-        route = _pinned_route(ai, h, model, 1.0)
-        return ai._submit_routed(route, f"embed with {model} (spread)", fn, items[off:off + size], model, spec, params,
+        route = _pinned_route(core, h, model, 1.0)
+        return core.submit_routed(route, f"embed with {model} (spread)", fn, items[off:off + size], model, spec, params,
                                  offset=off, kind="embed", key=f"embed-{model}-{token}-{off}", priority=priority)
 
     def job(cancelled=lambda: False):
         chunks = [(o, min(chunk_size, len(items) - o)) for o in range(0, len(items), chunk_size) if o not in skip]
-        parts = run_spread(ai, helpers, chunks, submit_chunk, on_part, cancelled=cancelled)
+        parts = run_spread(core, helpers, chunks, submit_chunk, on_part, cancelled=cancelled)
         if skip:
             return parts  # the caller holds the skipped chunks (a resumed CLI run)
         ordered = [parts[o] for o in sorted(parts)]
@@ -212,25 +213,23 @@ def spread_embed(ai, spec, model: str, items: list[str], params: dict, chunk_siz
     return job() if wait else _background(job, f"aicluster-spread-{token}")
 
 
-def spread_generate(ai, spec, model: str, prompts: list[str], params: dict | list[dict], tier: str | None = None,
+def spread_generate(core, spec, model: str, prompts: list[str], params: dict | list[dict], tier: str | None = None,
                     priority: int = 0, on_part=None, on_error=None, wait: bool = False):
     """``ai.generate(prompts, spread=True)``: a Future of the result dicts in prompt order;
     each worker keeps as many prompts in flight as its model decodes at once. ``params``:
     one dict for all prompts, or one per prompt."""
-    from .client import _task
-
-    helpers = capable_workers(ai, spec, model, tier, bench_job="llm_throughput")
+    helpers = capable_workers(core, spec, model, tier, bench_job="llm_throughput")
     amount = routing.slot_share(int(spec.options.get("parallel", 8))) if spec.backend == "llamacpp" else 1.0
-    fn = _task("generate")
+    fn = generate_task
 
     def submit_chunk(i, _size, h):
-        route = _pinned_route(ai, h, model, amount)
-        return ai._submit_routed(route, f"generate with {model} (spread)", fn, prompts[i], model, spec,
+        route = _pinned_route(core, h, model, amount)
+        return core.submit_routed(route, f"generate with {model} (spread)", fn, prompts[i], model, spec,
                                  params[i] if isinstance(params, list) else params, index=i, kind="generate", key=f"generate-{model}-{uuid.uuid4().hex[:12]}",
                                  priority=priority, task_priority=priority)
 
     def job(cancelled=lambda: False):
-        res = run_spread(ai, helpers, [(i, 1) for i in range(len(prompts))], submit_chunk, on_part=on_part,
+        res = run_spread(core, helpers, [(i, 1) for i in range(len(prompts))], submit_chunk, on_part=on_part,
                          depth=round(1 / amount), on_error=on_error, cancelled=cancelled)
         return [res.get(i) for i in range(len(prompts))]
 

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from dask.utils import format_bytes
 
-__all__ = ["text_table", "worker_rows", "format_table", "format_models", "format_bench", "format_shards"]
+from workloads.tables import text_table
 
-
-def text_table(head: list[str], body: list[list[str]]) -> list[str]:
-    """Lines of a plain-text table: header, rule, rows, columns padded to fit."""
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+__all__ = ["ClusterStatus", "text_table", "worker_rows", "format_table", "format_models", "format_bench", "format_shards"]
 
 
 def worker_rows(workers: dict, tiers=()) -> list[dict]:
@@ -145,3 +140,33 @@ def format_models(rows: list[dict]) -> str:
             lines.append(f"  {r['name']:<16} {name:<14} QUARANTINED: crashed ({q.get('signal') or 'killed'}{where}) while "
                          f"{q.get('during', 'generating')}; ai.unload({name!r}) lifts it")
     return "resident models:\n" + "\n".join(lines) if lines else ""
+
+
+class ClusterStatus(list):
+    """Worker rows (a list of dicts) that print as a table and render in notebooks."""
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cols = ["name", "tier", "simulated", "device", "device_name", "vram_total", "memory_limit", "budget", "used", "running"]
+        head = "".join(f"<th>{c}</th>" for c in cols + ["models"])
+        body = ""
+        for r in self:
+            cells = "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols)
+            models = ", ".join(f"{n} ({m['bytes'] / 1e6:.0f} MB)" for n, m in r["models"].items())
+            body += f"<tr>{cells}<td>{html.escape(models)}</td></tr>"
+        note = "<p><i>simulated</i>: tier forced on a machine without such a GPU; work runs on the CPU.</p>" if any(r["simulated"] for r in self) else ""
+        return f"<table><tr>{head}</tr>{body}</table>{note}"
+
+    def to_dict(self) -> dict:
+        return {"workers": list(self)}
+
+    @property
+    def tiers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self:
+            out.setdefault(r["tier"], []).append(r["name"])
+        return out

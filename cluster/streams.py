@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from workloads.compat import send_to_scheduler
 from workloads.streaming import CLOSE_OP, PIECE_OP, RESUME_HANDLER, STREAM_TOPIC, client_of
 
 __all__ = ["StreamHub", "STREAM_TOPIC"]
@@ -118,6 +119,6 @@ class StreamHub(SchedulerPlugin):
 def close_stream(client, stream_id: str) -> None:
     """Tell the hub the reader is done with ``stream_id`` (its record is dropped)."""
     try:
-        client._send_to_scheduler({"op": CLOSE_OP, "stream": stream_id})
+        send_to_scheduler(client, {"op": CLOSE_OP, "stream": stream_id})
     except Exception:  # closing: the hub forgets the client's streams when it leaves
         pass

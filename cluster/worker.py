@@ -36,7 +36,7 @@ async def setup_worker(worker, config=None, tier: str | None = None, register_ho
     if on:
         from distributed.comm import get_address_host
 
-        from .shards import check_bind_host
+        from .shard_servers import check_bind_host
 
         try:  # the shard server binds the worker's own address: never a public one
             check_bind_host(get_address_host(worker.address))

@@ -75,16 +75,16 @@ def test_prompt_over_the_context_is_refused_before_any_model_work(tiers):
     assert len(tiers.jobs()) == jobs_before
     # a worker that gets such a prompt anyway (a caller without the model file) refuses it
     # before it loads or waits for the model
-    from cluster.client import _task
+    from workloads.llm import generate_task
 
     def loads(dask_worker):
         return dask_worker.plugins["aicluster-modelhost"].load_counts.get("gemma-270m", 0)
 
     tiers.unload("gemma-270m")
     before = tiers.client.run(loads)
-    spec, route = tiers._model_route("gemma-270m", ("llamacpp",), "generate")
-    f = tiers._submit_routed(route, "raw", _task("generate"), long, "gemma-270m", spec,
-                             dict(max_tokens=8, temperature=0.0, top_p=1.0, stop=[], seed=None))
+    spec, route = tiers.core.model_route("gemma-270m", ("llamacpp",), "generate")
+    f = tiers.core.submit_routed(route, "raw", generate_task, long, "gemma-270m", spec,
+                                 dict(max_tokens=8, temperature=0.0, top_p=1.0, stop=[], seed=None))
     with pytest.raises(ContextTooLong):
         f.result(timeout=60)
     assert tiers.client.run(loads) == before

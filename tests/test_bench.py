@@ -170,7 +170,7 @@ def test_submit_command_writes_lines_and_statistics(ai, tmp_path, env_with_tests
 
 
 def test_a_job_that_raises_is_an_error_row_and_the_suite_goes_on(tiers, tmp_path, monkeypatch):
-    from workloads import bench_report
+    from cluster import bench_report
 
     monkeypatch.setitem(bench_report.SUITES, "broken", [("matrix_multiply", {"size": -4, "iterations": 1}),
                                                        ("vector_addition", {"size": 100, "iterations": 1})])

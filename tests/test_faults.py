@@ -215,16 +215,16 @@ def test_worker_view_follows_joins_leaves_and_checks_before_failing():
         finally:
             late.client.close()
         # a view that lost its events (a scheduler restart) is checked before an error
-        ai._view._workers.clear()
+        ai.core.view._workers.clear()
         assert ai.route("VRAM12").tier == "VRAM12"
 
 
 # -- poison jobs -----------------------------------------------------------------------------
 def test_a_job_no_worker_can_hold_is_refused_before_it_runs(tiers):
-    from workloads.bench_report import run_jobs
+    from cluster.bench_report import run_jobs
 
     jobs = [{"job_type": "matrix_multiply", "size": 25000}, {"job_type": "matrix_multiply", "size": 64, "iterations": 2}]
-    outcomes, _ = run_jobs(tiers, jobs, progress=False)
+    outcomes, _ = run_jobs(tiers.core, jobs, progress=False)
     assert outcomes[0]["status"] == "failed"
     assert "matrix_multiply (size=25000, iterations=10, float32) needs about 11.64 GiB" in outcomes[0]["error"]
     assert "the most is" in outcomes[0]["error"] and "Lower its parameters" in outcomes[0]["error"]
@@ -237,7 +237,7 @@ def test_a_job_goes_only_to_workers_that_can_hold_it():
     from cluster.routing import ANNOTATION
     from conftest import three_tier_config
     from workloads.bench import job_memory
-    from workloads.bench_report import _route_for, worker_room
+    from cluster.bench_report import route_for_job, worker_room
 
     data = three_tier_config()
     data["local"]["workers"] = [{"name": "big", "tier": "CPU", "nthreads": 1, "memory_limit": "6GB"},
@@ -245,11 +245,11 @@ def test_a_job_goes_only_to_workers_that_can_hold_it():
     with connect(data, processes=False, dashboard_port=0) as ai:
         job = {"job_type": "vector_addition", "size": 90_000_000, "iterations": 1}
         assert 2e9 < job_memory("vector_addition", {"size": 90_000_000, "iterations": 1}) < 3e9
-        room = worker_room(ai._workers())
-        route = _route_for(ai, job, room)
+        room = worker_room(ai.core.workers())
+        route = route_for_job(ai.core, job, room)
         assert [room[w][0] for w in route.workers] == ["big"]
         small = {"job_type": "vector_addition", "size": 1000}
-        assert _route_for(ai, small, room).workers == []  # any worker
+        assert route_for_job(ai.core, small, room).workers == []  # any worker
         assert ANNOTATION  # (the job board shows where it ran)
 
 
@@ -259,14 +259,14 @@ def test_jobs_that_shared_a_killed_worker_run_again_and_complete():
     import dask
 
     from cluster import connect
-    from workloads.bench_report import run_jobs
+    from cluster.bench_report import run_jobs
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with connect(one_worker(memory_limit="3GB", grace=120), dashboard_port=0) as ai:
             pid = next(iter(ai.client.run(os.getpid).values()))
             jobs = [{"job_type": "matrix_multiply", "size": 1000, "iterations": 20, "job_id": f"j{i}"} for i in range(3)]
             box = {}
-            t = threading.Thread(target=lambda: box.update(out=run_jobs(ai, jobs, progress=False, in_flight=3)))
+            t = threading.Thread(target=lambda: box.update(out=run_jobs(ai.core, jobs, progress=False, in_flight=3)))
             t.start()
             _wait(lambda: ai.jobs(state="running"), 60, "a job to start")
             time.sleep(0.5)
@@ -361,7 +361,7 @@ def test_scheduler_restart_loses_nothing_that_can_be_redone(tmp_path, env_with_t
                     queued = ai.generate("The lighthouse keeper said", max_tokens=30, stream=True)
                     time.sleep(1.5)  # (the job board writes its rows every second)
                     assert not spread.done() and not any(f.done() for f in gens)
-                    assert queued.stream_id not in ai._received and not queued.future.done()
+                    assert queued.stream_id not in ai.core.received and not queued.future.done()
                     sched.kill()
                     sched.wait()
                     with proc(sched_args, env) as sched2:
@@ -474,12 +474,12 @@ def test_redo_recipes_go_with_the_futures(tiers):
     keys = {f.key for f in futures}
     assert tiers.client.gather(futures[:3]) == [3, 7, 11]
     assert futures[3].result().shape == (2, 384) and futures[4].result()["completion_tokens"] > 0
-    assert keys <= set(tiers._redo._recipes)  # held: it would be redone after a restart
+    assert keys <= set(tiers.core.redo._recipes)  # held: it would be redone after a restart
     plain = tiers.submit(sum, [1, 1], tier="CPU")  # no retries: not kept
-    assert plain.result() == 2 and plain.key not in tiers._redo._recipes
+    assert plain.result() == 2 and plain.key not in tiers.core.redo._recipes
     del futures
     gc.collect()
-    _wait(lambda: not keys & set(tiers._redo._recipes), 10, "the recipes to go with their futures")
+    _wait(lambda: not keys & set(tiers.core.redo._recipes), 10, "the recipes to go with their futures")
 
 
 def test_a_just_started_scheduler_waits_for_its_workers(tmp_path, env_with_tests):

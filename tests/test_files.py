@@ -266,7 +266,7 @@ def test_bench_report_folder_is_checked_first_and_written_whole(ai, tmp_path, en
     r = run(["bench", "--tier", "CPU", "-o", str(blocker / "sub"), "--address", ai.scheduler_address], env_with_tests)
     assert r.returncode != 0 and "is not a writable folder" in r.stderr and "Traceback" not in r.stderr
     assert "1 results" not in r.stdout  # refused before any benchmark ran
-    from workloads.bench_report import write_report
+    from cluster.bench_report import write_report
 
     rec = {"job_type": "matrix_multiply", "params": {"size": 8}, "worker": "w", "tier": "CPU", "simulated": False,
            "device": "cpu", "device_name": "cpu", "dtype": "float32", "metric": "gflops", "value": 1.0, "unit": "GFLOP/s",

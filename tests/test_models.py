@@ -46,7 +46,7 @@ def test_generate_runs_on_vram12_and_a_second_call_does_not_reload(ai):
 def test_greedy_generation_equals_in_process_llama_cpp(ai):
     from llama_cpp import Llama
 
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
     from workloads.backends.llamacpp import FLASH_ATTN_DEFAULT
 
     prompt = "Question: What is a GPU?\nAnswer:"
@@ -81,7 +81,7 @@ def test_streaming_gives_the_same_text_in_pieces(ai):
 def test_embeddings_equal_in_process_and_keep_order_over_several_batches(ai):
     from sentence_transformers import SentenceTransformer
 
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     texts = [f"passage {i}: {'GPUs and ' * (i % 7)}home lab number {i * 37 % 101}" for i in range(1200)]
     res = ai.embed(texts, chunk_size=300, details=True).result()

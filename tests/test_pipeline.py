@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import BIN
-from workloads.pipeline import PipelineError, StageFailed
+from cluster.pipeline import PipelineError, StageFailed
 
 
 def test_parallel_branches_overlap_on_their_tiers_and_feed_the_join(tiers):

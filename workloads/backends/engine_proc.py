@@ -7,7 +7,7 @@ the task on every worker in turn. So each llama.cpp model runs in ``python -m
 workloads.backends.engine_proc``, a child of its worker, with the same batch engine as
 ever (``llama_batch.BatchEngine``) and tokens over a pipe:
 
-* the worker tokenizes (the vocabulary alone, ``llamacpp._vocab``) and sends token ids;
+* the worker tokenizes (the vocabulary alone, ``llama_lib.load_vocab``) and sends token ids;
 * the child sends text pieces with the token ids they came from, then the result;
 * when the child dies of a signal, every request it served fails with ``ModelCrashed``
   (model, worker, signal, native frame from ``native.py``'s report), and the worker's
@@ -32,7 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from . import InputError, ModelCrashed, TextGenerator
+from .base import InputError, ModelCrashed, TextGenerator
 
 logger = logging.getLogger("workloads.backends.engine_proc")
 
@@ -181,20 +181,20 @@ class ChildModel(TextGenerator):
     # -- the interface of LlamaModel ------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         from .chat import tokenize_prompt
-        from .llamacpp import _vocab
+        from .llama_lib import load_vocab
 
-        return tokenize_prompt(_vocab(self.path), text)
+        return tokenize_prompt(load_vocab(self.path), text)
 
     def detokenize(self, ids: list[int]) -> str:
-        from .llamacpp import _vocab
+        from .llama_lib import load_vocab
 
-        return _vocab(self.path).detokenize(ids, special=False).decode("utf-8", errors="ignore")
+        return load_vocab(self.path).detokenize(ids, special=False).decode("utf-8", errors="ignore")
 
     def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
         from .chat import llama_chat_prompt
-        from .llamacpp import _vocab
+        from .llama_lib import load_vocab
 
-        return llama_chat_prompt(_vocab(self.path), messages, self.chat_format, self.name)
+        return llama_chat_prompt(load_vocab(self.path), messages, self.chat_format, self.name)
 
     def submit(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                stop: list[str] | None = None, seed: int | None = None, on_token=None, should_stop=None,
@@ -204,9 +204,9 @@ class ChildModel(TextGenerator):
         produced those tokens elsewhere (see ``llama_batch.Request.prior_ids``)."""
         ids = self.check_fits(prompt, max_tokens)
         if sampling.get("logit_bias"):
-            from .llamacpp import _vocab
+            from .llama_lib import load_vocab
 
-            self.check_bias(sampling["logit_bias"], _vocab(self.path).n_vocab())
+            self.check_bias(sampling["logit_bias"], load_vocab(self.path).n_vocab())
         p = _Pending(on_token, on_piece, should_stop)
         with self._lock:
             if self._dead is not None:

@@ -32,6 +32,11 @@ running batch as they arrive and leave it the token they finish.
 
 Why by hand: llama-cpp-python (0.3.x) has no batched or multi-sequence generation, and its
 server module is a separate process with its own HTTP API. Nothing here knows about Dask.
+
+Why this module is long: ``BatchEngine`` is one decoding loop (admit by priority, reuse a
+cached prefix, prefill, decode every slot in one batch, sample, emit pieces, finish) whose
+steps share the slots' state under one lock; split into modules, each step would reach into
+the others' state.
 """
 from __future__ import annotations
 
@@ -139,7 +144,10 @@ class BatchEngine:
                  n_ubatch: int = 512, name: str = "model", min_reuse: int = 32, kv_unified: bool = False,
                  flash_attn: bool = False):
         import llama_cpp
-        from llama_cpp._internals import LlamaContext
+
+        from ..compat import llama_context_class
+
+        LlamaContext = llama_context_class()
 
         self.lib = llama_cpp
         self.model, self.name = model, name
@@ -346,7 +354,7 @@ class BatchEngine:
             return True
         if stop:
             r.finish = "cancelled"
-            self._finish(r)
+            self.finish(r)
         return bool(stop)
 
     def _step(self) -> None:
@@ -442,7 +450,7 @@ class BatchEngine:
         """A sampled token: end of generation, stop string, stream, limit or cancel."""
         if self.lib.llama_vocab_is_eog(self.vocab, tok):
             r.finish = "stop"
-            return self._finish(r)
+            return self.finish(r)
         if r.t_first is None:
             r.t_first = now
         r.out_ids.append(tok)
@@ -457,7 +465,7 @@ class BatchEngine:
             if hits:
                 r.text_bytes = text[: min(hits)].encode("utf-8")
                 r.finish = "stop"
-                return self._finish(r)
+                return self.finish(r)
         if r.on_token is not None or r.on_piece is not None:
             text = r.text_bytes.decode("utf-8", errors="ignore")
             hold = max((len(s) - 1 for s in r.stop), default=0)  # what could start a stop string
@@ -466,7 +474,7 @@ class BatchEngine:
                 return
             r.emitted = max(r.emitted, safe)
         if r.n_prior + len(r.out_ids) >= r.max_tokens:
-            return self._finish(r)
+            return self.finish(r)
         if self._cancelled(r):
             return
         r.pending = tok
@@ -485,7 +493,7 @@ class BatchEngine:
             return False
         return True
 
-    def _finish(self, r: Request) -> None:
+    def finish(self, r: Request) -> None:
         t_end = time.perf_counter()
         t_start = r.t_start if r.t_start is not None else t_end  # (cancelled before it had a slot)
         text = r.text_bytes.decode("utf-8", errors="ignore")  # as the streamed pieces were decoded

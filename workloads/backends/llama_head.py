@@ -1,4 +1,5 @@
-"""The head of a model split across workers (``cluster/shards.py``): a child process.
+"""The head of a model split across workers (``cluster/shards.py``, ``workloads/shard_protocol.py``):
+a child process.
 
 ``ShardedModel`` is what the head worker's ModelHost keeps resident: the engine child of
 ``engine_proc.py`` (the same batch engine as a one-worker model, tokens over a pipe) with
@@ -38,9 +39,9 @@ class ShardedModel(ChildModel):
 
     def __init__(self, spec, plan: dict, name: str, threads: int, on_progress: Callable[[float], None] | None = None,
                  client=None):
-        from cluster.shards import ShardPlan, ShardServerError, probe
+        from ..shard_protocol import ShardPlan, ShardServerError, probe
 
-        from ._source import resolve_source
+        from .sources import resolve_source
 
         self.plan = ShardPlan.from_dict(plan)
         path = Path(resolve_source(spec.source))
@@ -57,7 +58,7 @@ class ShardedModel(ChildModel):
         self._stall_since: float | None = None
         self._stall_cpu: dict = {}
         if client is not None:  # each part's bytes count against its worker's budget (LRU eviction)
-            from cluster.shards import hold
+            from ..shard_protocol import hold
 
             hold(client, self.plan)
         cfg = {"options": opts, "device": "cpu", "threads": threads, "endpoints": self.plan.endpoints,
@@ -70,7 +71,7 @@ class ShardedModel(ChildModel):
                              on_progress=on_progress)
         except BaseException:
             if client is not None:
-                from cluster.shards import release
+                from ..shard_protocol import release
 
                 release(client, self.plan)
             raise
@@ -105,7 +106,7 @@ class ShardedModel(ChildModel):
 
     # -- internals ---------------------------------------------------------------------------
     def _server_infos(self) -> dict:
-        from cluster.shards import server_info
+        from ..shard_protocol import server_info
 
         if self._client is None:
             return {}
@@ -117,7 +118,7 @@ class ShardedModel(ChildModel):
     def _death(self) -> str:
         """Why the child died, naming the workers whose shard servers were lost (died and
         restarted, or gone with their worker), or that no longer answer."""
-        from cluster.shards import ShardServerError, lost_servers, probe
+        from ..shard_protocol import ShardServerError, lost_servers, probe
 
         from .native import describe_exit
 

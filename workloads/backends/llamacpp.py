@@ -12,8 +12,12 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from . import ContextTooLong, TextGenerator
-from ._source import local_path, resolve_source
+from .base import ContextTooLong, TextGenerator
+from .llama_lib import load_vocab, route_logs
+from .sources import local_path, resolve_source
+
+__all__ = ["LlamaModel", "load", "load_here", "load_vocab", "precheck", "chat_prompt", "grammar_for", "prepare",
+           "engine_options", "FLASH_ATTN_DEFAULT"]
 
 logger = logging.getLogger("workloads.backends.llamacpp")
 
@@ -100,7 +104,7 @@ class LlamaModel(TextGenerator):
             req.emitted = len((resume or {}).get("text") or "")
             if len(prior) >= max_tokens:  # it had produced everything: nothing to decode
                 req.out_ids, req.forced, req.n_prior, req.ids_sent = [], [], len(prior), 0
-                self.engine._finish(req)
+                self.engine.finish(req)
                 return req
         return self.engine.submit(req)
 
@@ -141,44 +145,11 @@ class LlamaModel(TextGenerator):
             self.model = None
 
 
-_log_callback = None
-
-
-def _route_logs() -> None:
-    """llama.cpp's own log goes to the ``llama.cpp`` Python logger. llama-cpp-python's
-    callback prints to stderr with a level table older than ggml's (it takes WARN for ERROR),
-    so every model load printed "using full-size SWA cache" into the user's terminal.
-    llama.cpp warns about its own choices of cache and context sizes, not about the user's
-    input, so its warnings are logged at INFO; its errors at ERROR."""
-    global _log_callback
-    if _log_callback is not None:
-        return
-    import ctypes
-
-    import llama_cpp
-
-    log = logging.getLogger("llama.cpp")
-    levels = {4: logging.ERROR, 3: logging.INFO, 2: logging.DEBUG, 1: logging.DEBUG}
-    last = [logging.DEBUG]
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
-        lvl = last[0] if level == 5 else levels.get(level, logging.DEBUG)  # 5: continues the last line
-        last[0] = lvl
-        if log.isEnabledFor(lvl):
-            msg = text.decode("utf-8", errors="replace").rstrip()
-            if msg:
-                log.log(lvl, msg)
-
-    _log_callback = callback  # ctypes keeps only a pointer: the callback must stay alive
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
 def prepare() -> None:
     """Import the library before the host measures memory, so the import is not counted."""
     import llama_cpp  # noqa: F401
 
-    _route_logs()
+    route_logs()
 
 
 #: options.<key> this backend understands (see the README's Backends table); ``shard_plan``
@@ -191,7 +162,7 @@ def engine_options(opts: dict, name: str) -> tuple[int, int, dict]:
     """``(n_ctx, parallel, batch-engine keyword arguments)`` from a model's options."""
     import llama_cpp
 
-    from . import InputError
+    from .base import InputError
 
     n_ctx = int(opts.get("n_ctx", 2048))
     parallel = int(opts.get("parallel", 8))
@@ -223,7 +194,7 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model", loade
     """The resident model of ``spec``: its engine in a child process (``engine_proc.py``), or
     in this process with ``options.isolate: false``; a split model's head (``llama_head``).
     ``loader`` and ``extra`` (more settings for it): what the child loads with."""
-    from . import InputError
+    from .base import InputError
 
     opts = dict(spec.options)
     unknown = sorted(set(opts) - set(OPTIONS))
@@ -239,7 +210,7 @@ def load(spec, device: str = "cpu", threads: int = 1, name: str = "model", loade
     n_ctx, _, _ = engine_options(opts, name)
     cfg = {"options": opts, "device": device, "threads": n_threads, "name": name, "path": str(path), **(extra or {})}
     if not opts.get("isolate", True):
-        _route_logs()
+        route_logs()
         return load_here(cfg)
     from .engine_proc import ChildModel
 
@@ -255,9 +226,12 @@ def load_here(cfg: dict, on_progress: Callable[[float], None] | None = None) -> 
     import ctypes
 
     import llama_cpp
-    from llama_cpp._internals import LlamaModel as _LowLevelModel
 
-    _route_logs()
+    from ..compat import llama_model_class
+
+    LowLevelModel = llama_model_class()
+
+    route_logs()
     name, path, opts, device = cfg["name"], Path(cfg["path"]), dict(cfg["options"]), cfg.get("device", "cpu")
     n_ctx, parallel, engine_opts = engine_options(opts, name)
     params = llama_cpp.llama_model_default_params()
@@ -299,7 +273,7 @@ def load_here(cfg: dict, on_progress: Callable[[float], None] | None = None) -> 
     # verbose=True: llama-cpp-python would otherwise point fds 1 and 2 at /dev/null while it
     # loads, which races with any other thread of the process (an in-process worker, the
     # client) and can leave its output gone for good; the log goes to Python logging instead
-    model = _LowLevelModel(path_model=str(path), params=params, verbose=True)
+    model = LowLevelModel(path_model=str(path), params=params, verbose=True)
     try:
         return LlamaModel(model, path, name, n_ctx=n_ctx, parallel=parallel, n_threads=int(cfg.get("threads", 1)),
                           chat_format=opts.get("chat_format"), **engine_opts)
@@ -314,7 +288,7 @@ def grammar_for(response_format) -> str | None:
     converter, the one llama.cpp's server uses in Python form)."""
     import json
 
-    from . import InputError
+    from .base import InputError
 
     if not isinstance(response_format, dict) or "type" not in response_format:
         raise InputError(f"response_format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}, "
@@ -337,25 +311,6 @@ def grammar_for(response_format) -> str | None:
     raise InputError(f"response_format.type {kind!r} is not one of text, json_object, json_schema")
 
 
-_vocabs: dict = {}
-
-
-def _vocab(path: Path):
-    """The model's vocabulary alone (``vocab_only``: no weights, no context; about 0.5 s),
-    kept for the life of the process. Tokenizing with it gives the ids the full model gives."""
-    key = (str(path), path.stat().st_mtime_ns)
-    v = _vocabs.get(key)
-    if v is None:
-        import llama_cpp
-        from llama_cpp._internals import LlamaModel as _LowLevelModel
-
-        _route_logs()
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        v = _vocabs[key] = _LowLevelModel(path_model=str(path), params=params, verbose=True)  # see load()
-    return v
-
-
 def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: int | None = None) -> bool:
     """Refuse (``ContextTooLong``) a prompt that with ``max_tokens`` exceeds the context,
     before any model work; False when the model file is not on this machine (nothing checked).
@@ -366,7 +321,7 @@ def precheck(spec, prompts: list[str], name: str, max_tokens: int, first_index: 
     if path is None or not path.is_file():
         return False
     n_ctx = int(spec.options.get("n_ctx", 2048))
-    vocab = _vocab(path)
+    vocab = load_vocab(path)
     for i, p in enumerate(prompts):
         if len(p.encode("utf-8")) + 1 + max_tokens <= n_ctx:
             continue  # every token covers at least one byte (plus BOS): it fits without counting
@@ -384,4 +339,4 @@ def chat_prompt(spec, messages: list[dict], name: str) -> tuple[str, list[str]] 
     path = local_path(spec.source)
     if path is None or not path.is_file():
         return None
-    return llama_chat_prompt(_vocab(path), messages, spec.options.get("chat_format"), name)
+    return llama_chat_prompt(load_vocab(path), messages, spec.options.get("chat_format"), name)

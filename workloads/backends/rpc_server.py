@@ -1,6 +1,6 @@
 """A ggml RPC server (a "shard server"): ``python -m workloads.backends.rpc_server``.
 
-Started by a worker's ModelHost (``cluster.shards.ShardServer``) as a child process; a
+Started by a worker's ModelHost (``cluster.shard_servers.ShardServer``) as a child process; a
 head (``llama_head.py``) on another worker places layers of a split model on it. It serves
 from the llama.cpp library that llama-cpp-python ships (built with ``-DGGML_RPC=ON``, see
 the Makefile), through ctypes: ``ggml_backend_rpc_start_server`` is what llama.cpp's own

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import InputError
-from ._source import local_path, resolve_source
+from .base import InputError
+from .sources import local_path, resolve_source
 
 
 class TextTooLong(InputError):

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import InputError, TextGenerator
-from ._source import resolve_source
+from .base import InputError, TextGenerator
+from .sources import resolve_source
 
 
 class TransformersLM(TextGenerator):

@@ -29,18 +29,23 @@ inputs worker to worker (Dask moves the upstream results; the client never holds
 from __future__ import annotations
 
 import graphlib
-import importlib
 import string
-import time
+import uuid
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from workloads.stages import as_text, import_callable, ref, run_stage
+
+from . import routing
+from .jobs import failure, wait_all
+from .status import text_table
+
 __all__ = ["PipelineError", "StageFailed", "Plan", "PipelineRun", "PipelineResult", "compile_pipeline",
-           "load_spec", "run_stage", "shipped_pipelines"]
+           "load_spec", "shipped_pipelines", "as_text"]
 
 STAGE_KEYS = {
     "generate": {"kind", "model", "tier", "prompt", "options", "description", "priority"},
@@ -53,8 +58,6 @@ OPTIONS = {
     "chat": {"max_tokens", "temperature", "top_p", "stop", "seed"},
     "embed": {"batch_size", "normalize", "truncate"},
 }
-GENERATE_DEFAULTS = {"max_tokens": 128, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
-EMBED_DEFAULTS = {"batch_size": 64, "normalize": False, "truncate": False}
 MODEL_BACKENDS = {"generate": ("llamacpp", "transformers"), "chat": ("llamacpp", "transformers"),
                   "embed": ("sentence_transformers",)}
 #: stage kinds that run a model (the others call a function)
@@ -83,15 +86,7 @@ class StageFailed(RuntimeError):
         return (type(self), (self.pipeline, self.stage, self.error))
 
 
-# -- references and templates --------------------------------------------------------------
-def _ref(value) -> tuple[str, str | None] | None:
-    """``"$name"`` / ``"$name.key"`` -> (name, key); anything else -> None."""
-    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
-        name, _, key = value[1:].partition(".")
-        return name, key or None
-    return None
-
-
+# -- references and templates (the worker resolves them: workloads/stages.py) -------------------
 def _template_fields(text: str) -> list[tuple[str, str | None]]:
     out = []
     for _, fieldname, _, _ in string.Formatter().parse(text):
@@ -103,7 +98,7 @@ def _template_fields(text: str) -> list[tuple[str, str | None]]:
 
 def _refs_in(value) -> list[tuple[str, str | None]]:
     """Every reference in a stage value: $refs, {template} fields, inside lists and dicts."""
-    r = _ref(value)
+    r = ref(value)
     if r:
         return [r]
     if isinstance(value, str):
@@ -116,47 +111,6 @@ def _refs_in(value) -> list[tuple[str, str | None]]:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _refs_in(v)]
     return []
-
-
-def as_text(value) -> str:
-    """A stage output as prompt text: a generation's text, list items one per line."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "text" in value:
-        return str(value["text"])
-    if isinstance(value, (list, tuple)):
-        return "\n".join(as_text(v) for v in value)
-    return str(value)
-
-
-def _pick(value, key):
-    if key is None:
-        return value
-    if isinstance(value, dict):
-        return value[key]
-    if isinstance(value, (list, tuple)) and key.isdigit():
-        return value[int(key)]
-    return getattr(value, key)
-
-
-def resolve(value, env: dict):
-    """Replace references in ``value`` by their values from ``env`` (runs on the worker)."""
-    r = _ref(value)
-    if r:
-        return _pick(env[r[0]], r[1])
-    if isinstance(value, str):
-        out = []
-        for literal, fieldname, _, _ in string.Formatter().parse(value):
-            out.append(literal)
-            if fieldname is not None:
-                name, _, key = fieldname.partition(".")
-                out.append(as_text(_pick(env[name], key or None)))
-        return "".join(out)
-    if isinstance(value, dict):
-        return {k: resolve(v, env) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [resolve(v, env) for v in value]
-    return value
 
 
 # -- specs and plans ------------------------------------------------------------------------
@@ -208,14 +162,6 @@ class Plan:
         return list(self.stages)
 
 
-def _import_callable(path: str) -> Callable:
-    module, _, attr = path.partition(":")
-    fn = getattr(importlib.import_module(module), attr)
-    if not callable(fn):
-        raise TypeError(f"{path} is not callable")
-    return fn
-
-
 def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
     """Check ``spec`` against ``config`` and order its stages; raises ``PipelineError``."""
     name = str(spec.get("name", "pipeline"))
@@ -255,7 +201,7 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             kind = "call"
             if isinstance(kind_value, str):
                 try:
-                    _import_callable(kind_value)
+                    import_callable(kind_value)
                 except (ImportError, AttributeError, TypeError, ValueError) as e:
                     problems.append(f"{where}: kind {kind_value!r} cannot be imported ({type(e).__name__}: {e})")
             fn = kind_value
@@ -309,14 +255,14 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
             problems.append(f"{where}: {e.problems[0]}")
             refs = []
         deps = []
-        for ref, _ in refs:
-            if ref in stages:
-                if ref == sname:
+        for name_ref, _ in refs:
+            if name_ref in stages:
+                if name_ref == sname:
                     problems.append(f"{where}: refers to itself")
-                elif ref not in deps:
-                    deps.append(ref)
-            elif ref not in values:
-                problems.append(f"{where}: refers to {ref!r}, which is neither a stage nor a param "
+                elif name_ref not in deps:
+                    deps.append(name_ref)
+            elif name_ref not in values:
+                problems.append(f"{where}: refers to {name_ref!r}, which is neither a stage nor a param "
                                 f"(stages: {', '.join(stages)}; params: {', '.join(values) or 'none'})")
         plans[sname] = StagePlan(sname, kind, st, deps, model=model, tier=tier, fn=fn,
                                  priority=priority if isinstance(priority, int) else None)
@@ -330,70 +276,6 @@ def compile_pipeline(spec: dict, config, params: dict | None = None) -> Plan:
     if problems:
         raise PipelineError(name, problems)
     return Plan(name=name, params=values, stages={n: plans[n] for n in order})
-
-
-# -- running on a worker --------------------------------------------------------------------
-def run_stage(pipeline: str, stage: str, kind: str, st: dict, fn, params: dict, upstream: dict,
-              model: str | None = None, model_spec=None, task_priority: int = 0) -> dict:
-    """Run one stage on this worker; ``upstream`` maps stage names to their results."""
-    from distributed import get_worker
-
-    start = time.time()
-    env = {**params, **{k: v["output"] for k, v in upstream.items()}}
-    worker = get_worker()
-    info: dict = {}
-    if kind == "generate":
-        from .backends import InputError
-        from .llm import generate_task
-
-        prompt = resolve(st["prompt"], env)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"stage {stage!r}: the prompt is empty after filling in its references")
-        opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
-        out = generate_task(prompt, model, model_spec, opts, task_priority=task_priority)
-        out["prompt"] = prompt
-        output = out
-        info = {k: out[k] for k in ("tier", "simulated")}
-    elif kind == "chat":
-        from .llm import generate_task
-
-        msgs = resolve(st["messages"], env)
-        opts = {**GENERATE_DEFAULTS, **(st.get("options") or {})}
-        from cluster.client import _check_messages
-
-        out = generate_task(None, model, model_spec, opts, task_priority=task_priority, messages=_check_messages(msgs))
-        out["messages"] = msgs
-        output = out
-        info = {k: out[k] for k in ("tier", "simulated")}
-    elif kind == "embed":
-        from .backends import InputError
-        from .embeddings import embed_task
-
-        texts = resolve(st["texts"], env)
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        if not items:
-            raise InputError(f"stage {stage!r}: no texts to embed")
-        for i, t in enumerate(items):
-            if not isinstance(t, str) or not t.strip():
-                raise InputError(f"stage {stage!r}: text {i} is {'empty' if isinstance(t, str) else type(t).__name__}")
-        opts = {**EMBED_DEFAULTS, **(st.get("options") or {})}
-        out = embed_task(items, model, model_spec, opts)
-        output = out["embeddings"][0] if single else out["embeddings"]
-        info = {k: out[k] for k in ("tier", "simulated")}
-    else:
-        func = _import_callable(fn) if isinstance(fn, str) else fn
-        args = resolve(st.get("args", {}), env)
-        output = func(*args) if isinstance(args, list) else func(**args)
-        from ._host import host_and_worker, where
-
-        try:
-            host, _ = host_and_worker()
-            info = {k: v for k, v in where(host, worker).items() if k in ("tier", "simulated")}
-        except RuntimeError:
-            info = {"tier": None, "simulated": False}
-    return {"stage": stage, "output": output, "worker": str(worker.name), "address": worker.address,
-            "start": start, "end": time.time(), **info}
 
 
 # -- results --------------------------------------------------------------------------------
@@ -415,8 +297,6 @@ class PipelineResult(dict):
         head = ["stage", "tier", "hardware", "worker", "start s", "end s"]
         body = [[k, str(r.get("tier") or "-"), "simulated" if r.get("simulated") else "real", r["worker"],
                  f"{self.spans[k][0]:.2f}", f"{self.spans[k][1]:.2f}"] for k, r in self.stages.items()]
-        from cluster.status import text_table
-
         return "\n".join(text_table(head, body))
 
     def __str__(self) -> str:
@@ -435,13 +315,9 @@ class PipelineRun:
         self.plan, self.futures, self.client, self.output_stage = plan, futures, client, output
 
     def result(self, timeout=None) -> PipelineResult:
-        from cluster.jobs import wait_all
-
         wait_all(self.client, self.futures.values(), timeout=timeout)
         # the first stage (in order) that failed is the cause; later ones failed because of it
         # (a stage whose result was lost with a worker is computed again: gather waits for it)
-        from cluster.jobs import failure
-
         for name, f in self.futures.items():
             exc = failure(f)
             if exc is not None:
@@ -454,28 +330,28 @@ class PipelineRun:
 
 
 # -- submitting -----------------------------------------------------------------------------
-def route_stage(ai, sp: StagePlan, what: str):
+def route_stage(core, sp: StagePlan, what: str):
     """``(model spec, Route)`` for a stage: a model's tier (or the stage's override), the
     stage's tier for a function, or ``(None, None)`` for a function that runs anywhere."""
     if sp.kind in MODEL_KINDS:
         verb = {"generate": "generate text", "chat": "chat", "embed": "embed texts"}[sp.kind]
-        return ai._model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
+        return core.model_route(sp.model, MODEL_BACKENDS[sp.kind], verb, sp.tier)
     if sp.tier is not None:
-        return None, ai.route(sp.tier, what)
+        return None, core.route(sp.tier, what)
     return None, None
 
 
-def submit_stage(ai, route, what: str, args: tuple, kind: str, key: str, priority: int = 0):
+def submit_stage(core, route, what: str, args: tuple, kind: str, key: str, priority: int = 0):
     """Submit ``run_stage(*args)`` along ``route`` (anywhere when it is None)."""
     if route is None:
-        return ai._submit_anywhere(what, run_stage, *args, kind=kind, key=key, priority=priority,
+        return core.submit_anywhere(what, run_stage, *args, kind=kind, key=key, priority=priority,
                                    task_priority=priority)
-    return ai._submit_routed(route, what, run_stage, *args, kind=kind, key=key, priority=priority,
+    return core.submit_routed(route, what, run_stage, *args, kind=kind, key=key, priority=priority,
                              task_priority=priority)
 
 
-def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None, priority: int = 0) -> PipelineRun:
-    """Check ``spec`` and submit its stages to the cluster of ``ai`` (an ``AICluster``).
+def submit_pipeline(core, spec: str | Path | dict, params: dict | None = None, priority: int = 0) -> PipelineRun:
+    """Check ``spec`` and submit its stages to the cluster of ``core`` (an ``AICluster``'s ``core``).
 
     Everything is checked first (spec, models, references, cycles, and that a live worker
     can serve each stage's tier); nothing is submitted when something is wrong. Each stage
@@ -483,12 +359,8 @@ def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None, pri
     """
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ValueError(f"priority must be an integer (higher runs first), got {priority!r}")
-    import uuid
-
-    from cluster import routing
-
     spec = load_spec(spec)
-    plan = compile_pipeline(spec, ai.config, params)
+    plan = compile_pipeline(spec, core.config, params)
     output = spec.get("output") or plan.order[-1]
     if output not in plan.stages:
         raise PipelineError(plan.name, [f"output: {output!r} is not a stage"])
@@ -497,7 +369,7 @@ def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None, pri
     for name, sp in plan.stages.items():
         what = f"pipeline {plan.name}: {name}"
         try:
-            routes[name] = (*route_stage(ai, sp, what), what)
+            routes[name] = (*route_stage(core, sp, what), what)
         except routing.NoWorkerForTier as e:
             raise PipelineError(plan.name, [f"stage {name!r}: {e}"]) from None
     token = uuid.uuid4().hex[:8]
@@ -506,6 +378,6 @@ def submit_pipeline(ai, spec: str | Path | dict, params: dict | None = None, pri
         spec_model, route, what = routes[name]
         upstream = {d: futures[d] for d in sp.deps}
         args = (plan.name, name, sp.kind, sp.spec, sp.fn, plan.params, upstream, sp.model, spec_model)
-        futures[name] = submit_stage(ai, route, what, args, f"pipeline-{sp.kind}", f"{plan.name}-{name}-{token}",
+        futures[name] = submit_stage(core, route, what, args, f"pipeline-{sp.kind}", f"{plan.name}-{name}-{token}",
                                      priority=priority if sp.priority is None else sp.priority)
-    return PipelineRun(plan, futures, ai.client, output)
+    return PipelineRun(plan, futures, core.client, output)

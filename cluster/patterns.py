@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from cluster.jobs import failure, wait_all
+from .jobs import failure, wait_all
 
 from .pipeline import StageFailed, compile_pipeline, route_stage, submit_stage
 
@@ -86,26 +86,26 @@ def _vote_key(value):
         return repr(value)
 
 
-def _submit_branches(ai, value, branches, tag: str, priority: int = 0) -> tuple[dict, dict]:
+def _submit_branches(core, value, branches, tag: str, priority: int = 0) -> tuple[dict, dict]:
     """Compile the branches as a one-input pipeline and submit them; (plan, futures)."""
     import uuid
 
     stages = dict(_branch_stage(b, i) for i, b in enumerate(branches))
     if len(stages) != len(branches):
         raise ValueError("two branches have the same name; give them distinct 'name' keys")
-    plan = compile_pipeline({"name": tag, "params": {"input": value}, "stages": stages}, ai.config)
+    plan = compile_pipeline({"name": tag, "params": {"input": value}, "stages": stages}, core.config)
     token = uuid.uuid4().hex[:8]
     futures = {}
-    routes = {name: route_stage(ai, sp, f"{tag}: {name}") for name, sp in plan.stages.items()}  # all before any submit
+    routes = {name: route_stage(core, sp, f"{tag}: {name}") for name, sp in plan.stages.items()}  # all before any submit
     for name, sp in plan.stages.items():
         spec_model, route = routes[name]
         args = (tag, name, sp.kind, sp.spec, sp.fn, plan.params, {}, sp.model, spec_model)
-        futures[name] = submit_stage(ai, route, f"{tag}: {name}", args, tag, f"{tag}-{name}-{token}".replace("#", "_"),
+        futures[name] = submit_stage(core, route, f"{tag}: {name}", args, tag, f"{tag}-{name}-{token}".replace("#", "_"),
                                      priority=priority if sp.priority is None else sp.priority)
     return plan, futures
 
 
-def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequence[float] | None = None,
+def fan_out(core, value, branches: Sequence, aggregate: str = "all", weights: Sequence[float] | None = None,
             combine: Callable[[list], Any] | None = None, timeout: float | None = None,
             priority: int = 0) -> FanOutResult:
     """Run ``value`` through every branch at once and aggregate (see the module docstring)."""
@@ -119,13 +119,13 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
         raise ValueError("aggregate='ensemble' needs combine=<a function of the list of outputs>")
     if weights is not None and len(weights) != len(branches):
         raise ValueError(f"{len(weights)} weights for {len(branches)} branches")
-    plan, futures = _submit_branches(ai, value, branches, "fan-out", priority)
+    plan, futures = _submit_branches(core, value, branches, "fan-out", priority)
     names = list(futures)
     res = FanOutResult(value=None, aggregate=aggregate)
     if aggregate == "first":
         errors = {}
         by_key = {f.key: n for n, f in futures.items()}
-        for f in as_completed(list(futures.values()), loop=ai.client.loop, timeout=timeout):
+        for f in as_completed(list(futures.values()), loop=core.client.loop, timeout=timeout):
             name = by_key[f.key]
             err = failure(f)
             if err is not None:
@@ -136,17 +136,17 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
             res.outputs[name], res.workers[name] = out["output"], out["worker"]
             rest = [g for g in futures.values() if g.key != f.key and not g.done()]
             if rest:
-                ai.cancel(rest)
+                core.cancel(rest)
                 res.cancelled = [by_key[g.key] for g in rest]
             return res
         raise StageFailed("fan-out", ", ".join(errors), RuntimeError(
             "every branch failed: " + "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in errors.items())))
-    wait_all(ai.client, futures.values(), timeout=timeout)
+    wait_all(core.client, futures.values(), timeout=timeout)
     for name, f in futures.items():
         err = failure(f)
         if err is not None:
             raise StageFailed("fan-out", name, err) from err
-    results = ai.client.gather(futures)
+    results = core.client.gather(futures)
     res.outputs = {n: results[n]["output"] for n in names}
     res.workers = {n: results[n]["worker"] for n in names}
     outs = [res.outputs[n] for n in names]
@@ -170,7 +170,7 @@ def fan_out(ai, value, branches: Sequence, aggregate: str = "all", weights: Sequ
     return res
 
 
-def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True,
+def batch(core, branch, items: Sequence, in_flight: int = 8, progress: bool = True,
           errors: str = "raise", priority: int = 0) -> list:
     """Run ``branch`` (as in ``fan_out``) over ``items``, at most ``in_flight`` at once.
 
@@ -194,13 +194,13 @@ def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True
         nxt = next(pending, None)
         if nxt is not None:
             i, item = nxt
-            _, futs = _submit_branches(ai, item, [branch], "batch", priority)
+            _, futs = _submit_branches(core, item, [branch], "batch", priority)
             (f,) = futs.values()
             index[f.key] = i
             live[f.key] = f
             ac.add(f)
 
-    ac = as_completed([], loop=ai.client.loop)
+    ac = as_completed([], loop=core.client.loop)
     for _ in range(min(in_flight, len(items))):
         submit_next(ac)
     with tqdm(total=len(items), desc="batch", unit="item", disable=not progress) as bar:
@@ -211,7 +211,7 @@ def batch(ai, branch, items: Sequence, in_flight: int = 8, progress: bool = True
             if err is not None:
                 if errors == "raise":
                     if live:
-                        ai.cancel(list(live.values()))
+                        core.cancel(list(live.values()))
                     raise StageFailed("batch", f"item {i}", err) from err
                 out[i] = err
             else:

@@ -18,11 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cluster.files import atomic_write
-from cluster.jobs import failure, wait_all
-from cluster.status import text_table
+from workloads import bench
+from workloads.bench import job_task, suite_task
 
-from . import bench
+from .files import atomic_write
+from .jobs import failure, wait_all
+from .plugin import PROCESS_HEADROOM
+from .routing import NoWorkerForTier
+from .status import text_table, worker_rows
 
 __all__ = ["SUITES", "run_suite", "write_report", "run_jobs", "job_stats", "format_stats"]
 
@@ -49,26 +52,8 @@ SUITES = {
 SUITES["full"] = SUITES["quick"] + SUITES["models"]
 
 
-def _bench_task(name: str, kwargs: dict):
-    """Run ``workloads.bench.<name>`` on this worker; a list of records."""
-    try:
-        out = getattr(bench, name)(**kwargs)
-    finally:
-        _free_cuda_cache()
-    return out if isinstance(out, list) else [out]
-
-
-def _free_cuda_cache() -> None:
-    # benchmark tensors are not models: give their cached GPU memory back
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _targets(ai, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> list[dict]:
-    rows = list(ai.status())
+def _targets(core, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> list[dict]:
+    rows = worker_rows(core.workers(), core.config.tier_names)
     if workers:
         wanted = set(workers)
         chosen = [r for r in rows if r["name"] in wanted or r["address"] in wanted]
@@ -77,9 +62,9 @@ def _targets(ai, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> 
             raise ValueError(f"no such worker(s): {', '.join(sorted(missing))}; workers: {', '.join(r['name'] for r in rows)}")
         return chosen
     if tiers:
-        unknown = set(tiers) - set(ai.config.tiers)
+        unknown = set(tiers) - set(core.config.tiers)
         if unknown:
-            raise ValueError(f"unknown tier(s) {', '.join(sorted(unknown))}; known: {', '.join(ai.config.tiers)}")
+            raise ValueError(f"unknown tier(s) {', '.join(sorted(unknown))}; known: {', '.join(core.config.tiers)}")
         chosen = [r for r in rows if r["tier"] in set(tiers)]
         if not chosen:
             raise ValueError(f"no live worker has tier {', '.join(tiers)}; live tiers: {', '.join(sorted({r['tier'] for r in rows if r['tier']}))}")
@@ -87,7 +72,7 @@ def _targets(ai, tiers: Iterable[str] | None, workers: Iterable[str] | None) -> 
     return [r for r in rows if r["tier"]]
 
 
-def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool = False,
+def run_suite(core, suite: str = "quick", tiers=None, workers=None, parallel: bool = False,
               progress: bool = True) -> list[dict]:
     """Run ``suite`` on every chosen worker (default: all tiered workers); the records.
 
@@ -98,16 +83,16 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
-    targets = _targets(ai, tiers, workers)
+    targets = _targets(core, tiers, workers)
     jobs = []
     for t in targets:
         for name, kwargs in SUITES[suite]:
             if name == "llm_throughput":
-                for model, spec in ai.config.models.items():
+                for model, spec in core.config.models.items():
                     if spec.backend == "llamacpp":
                         jobs.append((t, name, {"model": model, "spec": spec, **kwargs}))
             elif name == "embed_throughput":
-                for model, spec in ai.config.models.items():
+                for model, spec in core.config.models.items():
                     if spec.backend == "sentence_transformers":
                         jobs.append((t, name, {"model": model, "spec": spec, **kwargs}))
             else:
@@ -116,8 +101,8 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
     bar = tqdm(total=len(jobs), desc=f"bench {suite}", unit="job", disable=not progress)
 
     def submit(t, name, kwargs):
-        route = ai.route(t["tier"], f"bench {name}").__class__(tier=t["tier"], chain=[t["tier"]], workers=[t["address"]])
-        return ai._submit_routed(route, f"bench {name} on {t['name']}", _bench_task, name, kwargs, kind="bench", pure=False)
+        route = core.route(t["tier"], f"bench {name}").__class__(tier=t["tier"], chain=[t["tier"]], workers=[t["address"]])
+        return core.submit_routed(route, f"bench {name} on {t['name']}", suite_task, name, kwargs, kind="bench", pure=False)
 
     def collect(f, t, name):
         err = failure(f)
@@ -131,13 +116,13 @@ def run_suite(ai, suite: str = "quick", tiers=None, workers=None, parallel: bool
         if parallel:
             futures = [(submit(*j), j) for j in jobs]
             for f, (t, name, _) in futures:
-                wait_all(ai.client, [f])
+                wait_all(core.client, [f])
                 collect(f, t, name)
                 bar.update(1)
         else:
             for t, name, kwargs in jobs:
                 f = submit(t, name, kwargs)
-                wait_all(ai.client, [f])
+                wait_all(core.client, [f])
                 collect(f, t, name)
                 bar.update(1)
     finally:
@@ -282,7 +267,6 @@ def worker_room(workers: dict) -> dict[str, tuple[str, int, str]]:
     the process itself needs."""
     from dask.utils import format_bytes
 
-    from cluster.plugin import PROCESS_HEADROOM
 
     out = {}
     for addr, w in workers.items():
@@ -301,7 +285,7 @@ def worker_room(workers: dict) -> dict[str, tuple[str, int, str]]:
     return out
 
 
-def _route_for(ai, job: dict, room: dict | None = None):
+def route_for_job(core, job: dict, room: dict | None = None):
     """``prefer_gpu`` jobs go to the GPU tiers (best first), then the CPU tier; with
     ``room`` (``worker_room``), only to workers that can hold the job's memory (a tier where
     some can: pinned to those), or ``JobTooBig`` naming the need and the largest room."""
@@ -309,16 +293,16 @@ def _route_for(ai, job: dict, room: dict | None = None):
 
     from dask.utils import format_bytes
 
-    cpu = ai.config.cpu_tier
-    gpu_tiers = [t for t in ai.config.tiers if t != cpu]
-    chain = (gpu_tiers + [cpu]) if job.get("prefer_gpu") else ai.config.fallback_chain(cpu)
+    cpu = core.config.cpu_tier
+    gpu_tiers = [t for t in core.config.tiers if t != cpu]
+    chain = (gpu_tiers + [cpu]) if job.get("prefer_gpu") else core.config.fallback_chain(cpu)
     what = f"{job.get('job_type')} job"
-    route = ai._resolve(chain, what)
+    route = core.resolve(chain, what)
     if room is None:
         return route
     jt, params, dtype = bench.validate_job(job)
     need = bench.job_memory(jt, params, dtype)
-    live = ai.live_tiers()
+    live = core.live_tiers()
     if not any(w in room for t in route.chain for w in live.get(t, [])):
         return route  # its tier's workers are restarting (or unknown here): nothing to measure against
     for tier in route.chain[route.chain.index(route.tier):]:
@@ -335,14 +319,14 @@ def _route_for(ai, job: dict, room: dict | None = None):
         f"parameters, or run it where a worker has more memory")
 
 
-def _free_gpu_worker(ai, route, busy: dict[str, int]):
+def _free_gpu_worker(core, route, busy: dict[str, int]):
     """``route`` pinned to a GPU worker that runs none of this run's jobs, trying the GPU
     tiers of the route's chain best first; None when every GPU worker is busy."""
     from dataclasses import replace
 
-    live = ai.live_tiers()
+    live = core.live_tiers()
     for tier in route.chain:
-        if not ai.config.tiers[tier].is_gpu:
+        if not core.config.tiers[tier].is_gpu:
             continue
         for w in live.get(tier, []):
             if not busy.get(w):
@@ -350,14 +334,7 @@ def _free_gpu_worker(ai, route, busy: dict[str, int]):
     return None
 
 
-def _job_task(job: dict) -> dict:
-    t = time.perf_counter()
-    rec = bench.run_job(job)
-    rec["processing_time"] = time.perf_counter() - t
-    return rec
-
-
-def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
+def run_jobs(core, jobs: list, on_result: Callable[[dict], None] | None = None, in_flight: int = 4,
              progress: bool = True, ids: list | None = None, priority: int = 0) -> tuple[list[dict], float]:
     """Run seed-format job dicts; each outcome (result or error) goes to ``on_result`` as it
     finishes. A bad job is an error line of its own; the others go on. ``ids``: the job_id
@@ -372,18 +349,17 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     from distributed import KilledWorker, as_completed
     from tqdm.auto import tqdm
 
-    from cluster.routing import NoWorkerForTier
 
     outcomes: list = [None] * len(jobs)
     t0 = time.perf_counter()
     todo = []
-    room = worker_room(ai._workers())  # once per run: what each worker can give a job
+    room = worker_room(core.workers())  # once per run: what each worker can give a job
     for i, job in enumerate(jobs):
         default_id = ids[i] if ids is not None else i
         jid = job.get("job_id", job.get("id", default_id)) if isinstance(job, dict) else default_id
         try:
             bench.validate_job(job)
-            route = _route_for(ai, job, room)
+            route = route_for_job(core, job, room)
         except (bench.BenchJobError, NoWorkerForTier) as e:
             outcomes[i] = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": str(e)}
             if on_result:
@@ -393,14 +369,14 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
     pending = iter(todo)
     meta = {}
     busy: dict[str, int] = {}  # this run's jobs in flight per pinned worker
-    ac = as_completed([], loop=ai.client.loop)
+    ac = as_completed([], loop=core.client.loop)
 
     def submit(item, note: str = ""):
         i, jid, job, route = item
         if job.get("prefer_gpu") and not route.workers:
-            route = _free_gpu_worker(ai, route, busy) or route
+            route = _free_gpu_worker(core, route, busy) or route
         what = f"{job['job_type']} job {jid}" + note
-        f = ai._submit_routed(route, what, _job_task, job, kind="bench-job", pure=False,
+        f = core.submit_routed(route, what, job_task, job, kind="bench-job", pure=False,
                               priority=job.get("priority", priority))
         meta[f.key] = (i, jid, job, route)
         for w in route.workers:
@@ -443,7 +419,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
             out = {"index": i, "job_id": jid, "job": job, "status": "failed", "error": f"{type(e).__name__}: {e}"}
         else:
             out = {"index": i, "job_id": jid, "job_type": job["job_type"], "status": "completed",
-                   "worker_type": "GPU" if route.tier != ai.config.cpu_tier else "CPU", **f.result()}
+                   "worker_type": "GPU" if route.tier != core.config.cpu_tier else "CPU", **f.result()}
         if retried:
             out["retried"] = True
         if f.key in again:
@@ -464,7 +440,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
                 again[r.key] = r.times
                 tqdm.write(f"job {meta[r.key][1]}: lost with the scheduler; submitted again", file=sys.stderr)
 
-    stop = ai.on_resubmit(resubmitted)
+    stop = core.redo.listen(resubmitted)
     try:
         for _ in range(in_flight):
             submit_next()
@@ -475,7 +451,7 @@ def run_jobs(ai, jobs: list, on_result: Callable[[dict], None] | None = None, in
             for item in killed:  # alone, one after another
                 i, jid, job, route = item
                 try:
-                    route = _route_for(ai, job, worker_room(ai._workers()))
+                    route = route_for_job(core, job, worker_room(core.workers()))
                 except Exception:
                     pass  # the old route stands
                 submit((i, jid, job, route), " (retried alone)")

@@ -16,7 +16,7 @@ import time
 from distributed import as_completed, get_worker
 from tqdm.auto import tqdm
 
-from .retrieval import load_corpus, top_k
+from workloads.retrieval import load_corpus, top_k
 
 QUESTIONS = [
     "How much memory does the RTX 3060 have?",
@@ -35,7 +35,7 @@ def prompt_for(question: str, passage: str) -> str:
 
 
 def run_demo(config, dashboard_port: int = 0, max_tokens: int = 40) -> dict:
-    from cluster import connect
+    from .client import connect
 
     t_start = time.perf_counter()
     print("Starting the embedded cluster (config: %s) ..." % (config.path or "dict"), flush=True)

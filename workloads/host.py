@@ -1,9 +1,14 @@
-"""Reach the worker's ModelHost from inside a task."""
+"""Reach the worker's ModelHost (``cluster.plugin``) from inside a task.
+
+The plugin's name lives here, on the lower side: the task functions look the plugin up by
+it, and ``cluster.plugin`` registers itself under it (cluster/ imports workloads/, never the
+other way; see ARCHITECTURE.md)."""
 from __future__ import annotations
 
 from distributed import get_worker
 
-from cluster.plugin import PLUGIN_NAME
+#: the name the ModelHost worker plugin is registered under
+PLUGIN_NAME = "aicluster-modelhost"
 
 
 def host_and_worker():
