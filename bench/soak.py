@@ -6,10 +6,11 @@ A cluster of separate processes, as on several PCs: ``aicluster scheduler``, thr
 serve``. Three facade clients send requests one at a time, each a random kind:
 
 * ``generate`` and ``stream`` (the facade), ``http`` and ``http-stream`` (the official
-  ``openai`` client through the gateway): greedy prompts whose possible answers an
-  in-process llama.cpp run lists before the chaos begins (where its best two tokens are
-  within ``MARGIN`` logits, a near-tie that another batch-mate's rounding may tip, both are
-  followed: ``greedy_texts``);
+  ``openai`` client through the gateway): greedy prompts, each answer judged by an
+  in-process llama.cpp run: a text is right when a path of tokens, each within ``MARGIN``
+  logits of the best one at its step (a near-tie that another batch-mate's rounding may
+  tip), decodes to it and ends as the engine ends (``near_greedy``; ``greedy_texts`` lists
+  a few such texts for the messages);
 * ``embed``: texts whose vectors were recorded before (compared within float tolerance);
 * ``pipeline``: the shipped ``rag`` pipeline (its answer listed the same way);
 * ``job``: a benchmark job (its own check);
@@ -149,7 +150,10 @@ def call(fn, deadline: float):
     return "done", box["value"]
 
 
-MARGIN = 0.15  # logits: two tokens closer than this are a near-tie that rounding may decide (seen: < 0.1)
+MARGIN = 0.15  # logits: the near-ties greedy_texts follows when it lists texts for the messages
+#: logits: a token this close to the best is one that batched sums may pick instead (seen here: up to 0.5,
+#: on an AVX-512 build, for a batch of 8; another prompt of the soak needs 1.0 to reach a text of its neighbours)
+JUDGE_MARGIN = 0.5
 
 
 def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MARGIN, cap: int = 64) -> set[str]:
@@ -163,6 +167,7 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
     from llama_cpp import llama_cpp as lib
 
     from workloads.backends.chat import tokenize_prompt
+    from workloads.compat import llama_ctx, llama_vocab
 
     texts: set[str] = set()
     n_vocab = llm.n_vocab()
@@ -178,7 +183,7 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
         llm.n_tokens = n
         llm.eval(ids[n:])
         held[:] = ids
-        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)).copy()
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llama_ctx(llm), -1), shape=(n_vocab,)).copy()
 
     prompt_ids = tokenize_prompt(llm, prompt)
     # fewest and smallest near-tie flips first (a heap on the logits given up, then the
@@ -191,7 +196,7 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
         gap = float(logits[best[0]] - logits[best[1]])
         tie = gap < margin and len(texts) + len(todo) < cap  # (at the cap: the best token only)
         for tok, given_up in [(int(best[0]), 0.0)] + ([(int(best[1]), gap)] if tie else []):
-            if lib.llama_vocab_is_eog(llm._model.vocab, tok):
+            if lib.llama_vocab_is_eog(llama_vocab(llm), tok):
                 texts.add(text.decode("utf-8", errors="ignore"))
                 continue
             t = text + llm.detokenize([tok], special=False)
@@ -202,6 +207,82 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
                 continue
             heapq.heappush(todo, (cost + given_up, -len(ids) - 1, ids + [tok], t, logits_after(ids + [tok])))
     return texts
+
+
+def near_greedy(llm, prompt: str, text: str, max_tokens: int, stop=(), margin: float = MARGIN,
+                budget: int = 2000) -> bool:
+    """Whether a greedy run of ``prompt`` can give ``text`` when the sums round a little
+    differently: a path of tokens, each within ``margin`` logits of the best token at its
+    step in an in-process llama.cpp run, that decodes to ``text`` and ends as the engine
+    ends (an end-of-generation token, a stop string, or ``max_tokens``). The search follows
+    only tokens that keep the decoded bytes on ``text`` (a few, however wide the margin),
+    at most ``budget`` evaluations. Repeated or missing text, another request's text, a cut
+    or a wrong prompt need tokens far from the best ones: False.
+    ``greedy_texts`` lists texts for messages; this decides."""
+    import numpy as np
+    from llama_cpp import llama_cpp as lib
+
+    from workloads.backends.chat import tokenize_prompt
+    from workloads.compat import llama_ctx, llama_vocab
+
+    target = text.encode("utf-8")
+    longest_stop = max((len(x.encode("utf-8")) for x in stop), default=0)
+    n_vocab = llm.n_vocab()
+    held: list[int] = []
+
+    def logits_after(ids: list[int]) -> np.ndarray:
+        n = 0
+        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
+            n += 1
+        llm.n_tokens = n
+        llm.eval(ids[n:])
+        held[:] = ids
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llama_ctx(llm), -1), shape=(n_vocab,)).copy()
+
+    prompt_ids = tokenize_prompt(llm, prompt)
+    todo = [(prompt_ids, b"")]  # depth first, the best token on top
+    while todo and budget > 0:
+        ids, got = todo.pop()
+        budget -= 1
+        logits = logits_after(ids)
+        near = np.nonzero(logits >= logits.max() - margin)[0]
+        for tok in sorted((int(t) for t in near), key=lambda t: logits[t]):  # (the best pushed last)
+            if lib.llama_vocab_is_eog(llama_vocab(llm), tok):
+                if got.decode("utf-8", errors="ignore") == text:
+                    return True
+                continue
+            t = got + llm.detokenize([tok], special=False)
+            s = t.decode("utf-8", errors="ignore")
+            hits = [i for i in (s.find(x) for x in stop) if i >= 0]
+            if hits:
+                if s[:min(hits)] == text:
+                    return True
+                continue
+            if len(ids) + 1 - len(prompt_ids) >= max_tokens:
+                if s == text:
+                    return True
+                continue
+            # on the text, or past its end by less than a stop string (which may still come)
+            if target.startswith(t) or (t.startswith(target) and len(t) - len(target) < longest_stop):
+                todo.append((ids + [tok], t))
+    return False
+
+
+class Judge:
+    """The soak's judge of greedy answers (``near_greedy`` on one in-process model, one
+    question at a time, each asked once)."""
+
+    def __init__(self, llm, margin: float = MARGIN):
+        self.llm, self.margin = llm, margin
+        self.lock = threading.Lock()
+        self.seen: dict = {}
+
+    def allows(self, prompt: str, text: str, max_tokens: int, stop=()) -> bool:
+        key = (prompt, text, max_tokens, tuple(stop))
+        with self.lock:
+            if key not in self.seen:
+                self.seen[key] = near_greedy(self.llm, prompt, text, max_tokens, stop, self.margin)
+            return self.seen[key]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,23 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     procs["serve"] = Proc("serve", serve_args, env, folder)
     tally = Tally()
     stuck: list[threading.Thread] = []
+    llm = None
     try:
         ai = connect(str(cfg), address=addr, timeout=60)
         procs["serve"].wait_for("serving the cluster at")
         # -- the answers, before any chaos ------------------------------------------------------
-        # greedy answers: the texts an in-process llama.cpp run allows (near-ties followed both
-        # ways, as another batch-mate may round them); the cluster's, alone and batched, must be in it
+        # greedy answers: judged by an in-process llama.cpp run (a near-tie may go either way, as
+        # another batch-mate may round it); the cluster's, alone and batched, must pass
         from llama_cpp import Llama
 
-        from workloads.backends._source import resolve_source
-        from workloads.pipeline import as_text
+        from workloads.backends.sources import resolve_source
+        from workloads.stages import as_text
 
         llm = Llama(model_path=str(resolve_source(data["models"]["gemma-270m"]["source"])), n_ctx=512,
                     n_threads=1, n_threads_batch=1, n_gpu_layers=0, verbose=False)
-        allowed = {p: greedy_texts(llm, p, 16) for p in PROMPTS}
+        judge = Judge(llm, JUDGE_MARGIN)
+        allowed = {p: greedy_texts(llm, p, 16) for p in PROMPTS}  # (listed in the messages)
         alone = {p: ai.generate_now(p, max_tokens=16)["text"] for p in PROMPTS}
         together = dict(zip(PROMPTS, (r["text"] for r in ai.generate_now(PROMPTS, max_tokens=16))))
-        stable = [p for p in PROMPTS if alone[p] in allowed[p] and together[p] in allowed[p]]
+        stable = [p for p in PROMPTS if judge.allows(p, alone[p], 16) and judge.allows(p, together[p], 16)]
         if len(stable) < len(PROMPTS) // 2:
             raise SystemExit("the cluster's greedy texts are not those of in-process llama.cpp: "
                              + "; ".join(f"{p!r}: {alone[p]!r} / {together[p]!r} not in {sorted(allowed[p])!r}"
@@ -272,30 +355,29 @@ def main(argv: list[str] | None = None) -> int:
         ref_vec = ai.embed_now(texts)
         stage = yaml.safe_load((ROOT / "workloads" / "pipelines" / "rag.yaml").read_text())["stages"]["answer"]
         allowed_rag = {}
-        try:
-            for q in QUESTIONS:
-                out = ai.run_pipeline("rag", question=q)
-                prompt = stage["prompt"].format(retrieve=as_text(out["retrieve"]), question=q)
-                allowed_rag[q] = greedy_texts(llm, prompt, stage["options"]["max_tokens"], stage["options"]["stop"])
-                if out["answer"]["text"] not in allowed_rag[q]:
-                    raise SystemExit(f"rag {q!r}: the cluster's {out['answer']['text']!r} not in "
-                                     f"{sorted(allowed_rag[q])!r}")
-        finally:
-            llm.close()
+        rag_prompt = {}
+        for q in QUESTIONS:
+            out = ai.run_pipeline("rag", question=q)
+            rag_prompt[q] = stage["prompt"].format(retrieve=as_text(out["retrieve"]), question=q)
+            allowed_rag[q] = greedy_texts(llm, rag_prompt[q], stage["options"]["max_tokens"], stage["options"]["stop"])
+            if not judge.allows(rag_prompt[q], out["answer"]["text"], stage["options"]["max_tokens"],
+                                stage["options"]["stop"]):
+                raise SystemExit(f"rag {q!r}: the cluster's {out['answer']['text']!r} is not near-greedy (in-process "
+                                 f"llama.cpp lists {sorted(allowed_rag[q])!r})")
         if a.inject == "drop-reply":
             from soak_faults import DropOneReply
 
             ai.client.register_plugin(DropOneReply(), name="aicluster-soak-drop-one-reply")
         print(f"{len(stable)} of {len(PROMPTS)} prompts give, alone and batched, a text in-process llama.cpp "
-              f"allows ({sum(map(len, allowed.values()))} texts for {len(PROMPTS)} prompts: near-ties within "
-              f"{MARGIN:g} logits followed both ways); chaos starts", flush=True)
+              f"allows (tokens within {JUDGE_MARGIN:g} logits of the best); chaos starts", flush=True)
         end = time.monotonic() + a.minutes * 60
 
         def check_text(kind: str, p: str, text: str, pieces: str | None = None) -> None:
             if pieces is not None and len(pieces) > len(text):  # a piece came twice
                 tally.add(kind, "duplicated", f"{p!r}: pieces {pieces!r} for text {text!r}")
-            elif text not in allowed[p] or (pieces is not None and pieces != text):
-                tally.add(kind, "wrong", f"{p!r}: {text!r} (pieces {pieces!r}) not in {sorted(allowed[p])!r}")
+            elif not judge.allows(p, text, 16) or (pieces is not None and pieces != text):
+                tally.add(kind, "wrong", f"{p!r}: {text!r} (pieces {pieces!r}) is not near-greedy; in-process lists "
+                                            f"{sorted(allowed[p])!r}")
             else:
                 tally.add(kind, "done")
 
@@ -343,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 tally.add(kind, "done" if ok else "wrong", "vectors differ from the recorded ones")
             elif kind == "pipeline":
                 q, text = value
-                tally.add(kind, "done" if text in allowed_rag[q] else "wrong",
-                          f"{q!r}: {text!r} not in {sorted(allowed_rag[q])!r}")
+                ok = judge.allows(rag_prompt[q], text, stage["options"]["max_tokens"], stage["options"]["stop"])
+                tally.add(kind, "done" if ok else "wrong",
+                          f"{q!r}: {text!r} is not near-greedy; in-process lists {sorted(allowed_rag[q])!r}")
             else:
                 ok = value.get("status") == "completed" and (value.get("check") or {}).get("passed", True)
                 tally.add(kind, "done" if ok else "wrong", str(value.get("error") or value.get("check")))
@@ -392,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                         tally.add(kind, "duplicated", f"{i}: {len(mine)} lines")
                     elif not mine or mine[0].get("status", "completed") != "completed":
                         tally.add(kind, "lost", f"{i}: no answer (exit {r.returncode}): {err}")
-                    elif kind == "cli-generate" and mine[0].get("text") not in allowed[chosen[i]]:
-                        tally.add(kind, "wrong", f"{i}: {mine[0].get('text')!r} not in {sorted(allowed[chosen[i]])!r}")
+                    elif kind == "cli-generate" and not judge.allows(chosen[i], mine[0].get("text") or "", 16):
+                        tally.add(kind, "wrong", f"{i}: {mine[0].get('text')!r} is not near-greedy; in-process "
+                                                         f"lists {sorted(allowed[chosen[i]])!r}")
                     else:
                         tally.add(kind, "done")
 
@@ -435,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 tally.add("generate", "late", f"{t.name}: still running when the soak ended")
         ai.close()
     finally:
+        if llm is not None:
+            llm.close()
         for name in ("serve", "pc1", "pc2", "cpu", "scheduler"):
             if name in procs:
                 procs[name].stop()

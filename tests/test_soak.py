@@ -37,15 +37,17 @@ def test_a_one_minute_soak_reports_a_dropped_reply(env_with_tests):
 
 
 def test_the_soak_lists_near_greedy_texts_and_nothing_else():
-    """``greedy_texts``, the soak's judge of a greedy answer, in-process: with no margin it is
-    llama-cpp-python's own greedy completion; with the soak's margin it holds more texts (the
-    near-ties), each the length it must be, and not the repeated or cut text a fault gives."""
+    """The soak's judges of a greedy answer, in-process. ``greedy_texts`` (the listing): with
+    no margin it is llama-cpp-python's own greedy completion; with the soak's margin it holds
+    more texts (the near-ties), each the length it must be, and not the repeated or cut text
+    a fault gives. ``near_greedy`` (the decision): it takes the greedy text and every listed
+    one, and refuses a repeated, cut or neighbour's text, and one run past a stop string."""
     sys.path.insert(0, str(ROOT / "bench"))
     from llama_cpp import Llama
-    from soak import MARGIN, PROMPTS, greedy_texts
+    from soak import JUDGE_MARGIN, MARGIN, PROMPTS, greedy_texts, near_greedy
 
     from cluster.config import load_config
-    from workloads.backends._source import resolve_source
+    from workloads.backends.sources import resolve_source
 
     llm = Llama(model_path=str(resolve_source(load_config().models["gemma-270m"].source)), n_ctx=512,
                 n_threads=1, n_threads_batch=1, n_gpu_layers=0, verbose=False)
@@ -59,5 +61,16 @@ def test_the_soak_lists_near_greedy_texts_and_nothing_else():
         assert text + text not in wide and text[: len(text) // 2] not in wide
         stopped = greedy_texts(llm, PROMPTS[7], 16, stop=["GPU"], margin=MARGIN)
         assert stopped and all("GPU" not in t for t in stopped)
+
+        assert near_greedy(llm, PROMPTS[7], text, 16, margin=0)
+        for p in PROMPTS:
+            for t in greedy_texts(llm, p, 16, margin=MARGIN):
+                assert near_greedy(llm, p, t, 16, margin=JUDGE_MARGIN), (p, t)
+        assert not near_greedy(llm, PROMPTS[7], text + text, 16, margin=JUDGE_MARGIN)
+        assert not near_greedy(llm, PROMPTS[7], text[: len(text) // 2], 16, margin=JUDGE_MARGIN)
+        other = next(iter(greedy_texts(llm, PROMPTS[0], 16, margin=0)))  # another prompt's answer
+        assert other != text and not near_greedy(llm, PROMPTS[7], other, 16, margin=JUDGE_MARGIN)
+        assert all(near_greedy(llm, PROMPTS[7], t, 16, stop=["GPU"], margin=JUDGE_MARGIN) for t in stopped)
+        assert not near_greedy(llm, PROMPTS[7], text, 16, stop=["GPU"], margin=JUDGE_MARGIN) or "GPU" not in text
     finally:
         llm.close()
