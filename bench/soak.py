@@ -32,7 +32,7 @@ Ends with a table (kind, sent, done, lost, late, wrong, duplicated) and
 ``RESULT soak lost=<n> target=0`` where n counts every failure of every kind.
 
 ``--inject drop-reply`` makes one worker drop the reply of one generation (the scheduler
-never hears it finished): the soak must report it (a test runs a one-minute soak with it).
+never hears it finished): the soak must report it (a test runs a half-minute soak with it).
 
     python bench/soak.py [--minutes 10] [--kill-every 60] [--deadline 240] [--seed 0]
 """
