@@ -20,6 +20,7 @@ from . import bench_report, calls, local, patterns, pipeline, routing, shards
 from .config import Config, load_config
 from .core import Core, GenerationStream
 from .jobs import STATES, JobBoard, JobList, job_rows
+from .modelfiles import ModelFiles
 from .plugin import ModelHost, unload_on_worker
 from .redo import Resubmitted
 from .status import ClusterStatus, worker_rows
@@ -44,6 +45,7 @@ class AICluster:
         client.register_plugin(routing.ModelAffinity(prefer_resident=config.routing.prefer_resident))
         client.register_plugin(JobBoard())
         client.register_plugin(StreamHub())
+        client.register_plugin(ModelFiles())
         client.register_plugin(ModelHost(config))
         self.core = Core(client, config)
 

@@ -128,11 +128,20 @@ class WorkerConfig(_Strict):
     #: run a ggml RPC shard server (models split across workers); no auth, no TLS: off by default
     shard_server: bool = False
     shard_port: int = Field(default=50052, ge=0, le=65535)
+    #: where model files fetched from other PCs go ("": ~/.cache/aicluster/models/<worker name>)
+    model_cache: str = ""
+    #: the most that folder holds (least recently used out first); None: no limit
+    model_cache_size: Union[int, None] = None
 
     @field_validator("memory_limit", mode="before")
     @classmethod
     def _mem(cls, v: Any) -> Any:
         return v if v == "auto" else _size(v)
+
+    @field_validator("model_cache_size", mode="before")
+    @classmethod
+    def _cache_size(cls, v: Any) -> Any:
+        return None if v is None else _size(v)
 
 
 class LocalWorkerConfig(_Strict):

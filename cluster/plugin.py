@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -27,11 +28,14 @@ import psutil
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from workloads.backends import ModelCrashed, backend_module
+from workloads.backends.sources import local_path
 from workloads.compat import count_child_memory
+from workloads.transfer import FetchError, Holdings, ModelCache, default_cache_dir, fetchable
 from workloads.host import PLUGIN_NAME  # the name the task functions look the plugin up by
 
 from .config import Config, ModelConfig, load_config
 from .devices import detect
+from .modelfiles import fetch_model, serve_model_files
 from .tiers import TierAssignment, assign_tier, tier_of_resources
 
 __all__ = ["ModelHost", "ModelDoesNotFit", "Resident", "PLUGIN_NAME", "cancel_on_worker", "unload_on_worker"]
@@ -204,6 +208,13 @@ class ModelHost(WorkerPlugin):
         #: model -> (bytes, since) this worker's shard server holds for a split model
         self._holds: dict[str, tuple[int, float]] = {}
         self.shard_server = self._start_shard_server(worker)
+        # model files: offered to the other PCs, and fetched from them into this cache
+        wc = self.config.worker
+        self.holdings = Holdings()
+        self._model_paths: dict[str, str] = {}
+        self.model_cache = ModelCache(Path(wc.model_cache).expanduser() if wc.model_cache
+                                      else default_cache_dir(str(worker.name)), wc.model_cache_size)
+        serve_model_files(worker, self.holdings, self.model_cache)
         self._watch_children(worker)
         self._evicting = False
         from tornado.ioloop import PeriodicCallback
@@ -594,7 +605,35 @@ class ModelHost(WorkerPlugin):
             return
         torch.set_num_threads(self.config.worker.torch_threads)
 
+    def _materialize(self, name: str, spec: ModelConfig) -> ModelConfig:
+        """``spec`` with a source this PC has: as it is when the file is here, else the file
+        fetched from a PC of the cluster that has it, in this worker's model cache (an
+        ``hf://`` file no PC has is left to ``huggingface_hub`` to download)."""
+        source = spec.source
+        if not fetchable(source) or local_path(source) is not None:
+            return spec
+        path = self.model_cache.lookup(source)
+        if path is None:
+            in_use = {Path(s) for s in self._sources_in_use()}
+
+            def progress(frac: float) -> None:
+                self.worker.log_event("aicluster-load", {"model": name, "progress": frac, "phase": "fetch"})
+
+            try:
+                path = fetch_model(self.worker, source, self.model_cache, in_use, progress)
+            except FetchError:
+                if source.startswith("hf://"):
+                    return spec  # (resolve_source downloads it, or says the cache lacks it offline)
+                raise
+        return spec.model_copy(update={"source": str(path)})
+
+    def _sources_in_use(self) -> list[str]:
+        """The files the resident models were loaded from (never evicted from the cache)."""
+        return [self._model_paths[n] for n in list(self._models) if n in self._model_paths]
+
     def _load(self, name: str, spec: ModelConfig) -> Resident:
+        spec = self._materialize(name, spec)
+        self._model_paths[name] = spec.source
         plan = spec.options.get("shard_plan")
         # a split model's head holds its input layer here; the rest is on the shard servers
         self._make_room(int(plan["head_bytes"]) if plan else spec.footprint, name)

@@ -3,7 +3,7 @@
 Adds the TierGuard plugin (tasks never wait in ``no-worker``), ModelAffinity (model work
 where the model is resident, while it has room), the JobBoard (job list), the StreamHub
 (streamed text to its one client),
-the "AI models" dashboard
+ModelFiles (model files offered to the workers that lack them), the "AI models" dashboard
 page, the ``/aicluster/workers.json`` route and the ``aicluster_*`` Prometheus metrics.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import click
 from . import dashboard
 from .config import load_config
 from .jobs import JobBoard
+from .modelfiles import ModelFiles
 from .routing import ModelAffinity, TierGuard
 from .workerview import WorkerEvents
 from .streams import StreamHub
@@ -47,6 +48,8 @@ async def setup_scheduler(scheduler, config=None, jobs_db: str | None = None) ->
         scheduler.add_plugin(ModelAffinity(prefer_resident=cfg.routing.prefer_resident))
     if StreamHub.name not in scheduler.plugins:  # (a restarted scheduler has it before any client comes)
         scheduler.add_plugin(StreamHub())
+    if ModelFiles.name not in scheduler.plugins:
+        scheduler.add_plugin(ModelFiles())
     if dashboard.HTTPStats.name not in scheduler.plugins:
         scheduler.add_plugin(dashboard.HTTPStats())
     dashboard.install(scheduler, tiers=cfg.tier_names)

@@ -45,10 +45,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def ollama_store(root: Path, gguf: Path, name: str = "gemma3", tag: str = "270m") -> Path:
-    """An Ollama store with one pulled model, as ``ollama pull`` leaves it."""
+def ollama_store(root: Path, gguf: Path, name: str = "gemma3", tag: str = "270m", copy: bool = False) -> Path:
+    """An Ollama store with one pulled model, as ``ollama pull`` leaves it (``copy``: its own
+    bytes, not a hard link to ``gguf``)."""
     digest = _sha256(gguf)
-    _link(gguf, root / "blobs" / f"sha256-{digest}")
+    if copy:
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(gguf, root / "blobs" / f"sha256-{digest}")
+    else:
+        _link(gguf, root / "blobs" / f"sha256-{digest}")
     template = b"{{ .Prompt }}"
     tdigest = hashlib.sha256(template).hexdigest()
     (root / "blobs" / f"sha256-{tdigest}").write_bytes(template)

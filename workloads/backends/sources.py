@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["resolve_source", "local_path", "SourceError", "ollama_blob", "hf_parts", "OLLAMA_MODEL_MEDIA"]
+__all__ = ["resolve_source", "local_path", "why_missing", "SourceError", "ollama_blob", "hf_parts", "OLLAMA_MODEL_MEDIA"]
 
 #: the media type of the weights layer in an Ollama manifest
 OLLAMA_MODEL_MEDIA = "application/vnd.ollama.image.model"
@@ -142,6 +142,20 @@ def resolve_source(source: str) -> Path:
     if not path.exists():
         raise SourceError(f"model source {source!r} does not exist on this worker")
     return path
+
+
+def why_missing(source: str) -> str:
+    """What this PC lacks of ``source`` (for the line that names every PC asked)."""
+    try:
+        if source.startswith("hf://"):
+            repo_id, filename, revision = hf_parts(source)
+            from huggingface_hub import constants
+
+            return f"{filename} of {repo_id} is not in its Hugging Face cache (HF_HOME={constants.HF_HOME})"
+        resolve_source(source)
+    except SourceError as e:
+        return str(e).removeprefix(f"model source {source!r}: ").removeprefix(f"model source {source!r} ")
+    return "it has it"
 
 
 def local_path(source: str) -> Path | None:

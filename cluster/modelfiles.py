@@ -1,0 +1,107 @@
+"""Models travel through the cluster (README, "Models on several PCs"): the Dask side.
+
+Every worker (``ModelHost``) and the scheduler (``ModelFiles``, a scheduler plugin) answer
+two comm messages on the connections the cluster already has (TLS with ``security.tls``;
+no new port): ``aicluster_model_info(source)`` (the size, SHA-256 and chunk hashes of the
+file this process resolves ``source`` to, or what it lacks) and
+``aicluster_model_chunk(sha256, index)`` (one chunk). The scheduler also answers
+``aicluster_model_holders(source)``: it asks itself and every worker at once. A worker
+that must load a model whose file it lacks asks the scheduler who has it and fetches it
+into its cache (``workloads/transfer.py``); a second load finds it there.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from workloads.backends.sources import local_path, why_missing
+from workloads.transfer import FetchError, Holder, Holdings, ModelCache, fetch, fetchable
+
+__all__ = ["ModelFiles", "serve_model_files", "fetch_model", "INFO_OP", "CHUNK_OP", "HOLDERS_OP"]
+
+logger = logging.getLogger("cluster.modelfiles")
+
+INFO_OP, CHUNK_OP, HOLDERS_OP = "aicluster_model_info", "aicluster_model_chunk", "aicluster_model_holders"
+#: seconds a holder has to answer ``info`` (its first answer for a file hashes it)
+INFO_TIMEOUT = 600
+
+
+def serve_model_files(server, holdings: Holdings, cache: ModelCache | None = None) -> None:
+    """Make ``server`` (a worker or the scheduler) answer ``info`` and ``chunk`` for the model
+    files it can resolve itself (or has in ``cache``)."""
+
+    async def info(source: str) -> dict:
+        path = local_path(source) if fetchable(source) else None
+        if path is None and cache is not None:
+            path = cache.lookup(source)
+        if path is None or not Path(path).is_file():
+            return {"missing": why_missing(source) if path is None else f"{path} is a folder (only files travel)"}
+        return await asyncio.to_thread(holdings.offer, Path(path))
+
+    async def chunk(sha256: str, index: int) -> dict:
+        return {"data": await asyncio.to_thread(holdings.read, sha256, int(index))}
+
+    server.handlers[INFO_OP] = info
+    server.handlers[CHUNK_OP] = chunk
+
+
+class ModelFiles(SchedulerPlugin):
+    """The scheduler offers the model files of its PC and finds the holders of one."""
+
+    name = "aicluster-model-files"
+
+    async def start(self, scheduler) -> None:
+        self.holdings = Holdings()  # (made here: the plugin travels pickled from a client)
+        serve_model_files(scheduler, self.holdings)
+
+        async def holders(source: str, exclude: list | None = None) -> list[dict]:
+            skip = set(exclude or ())
+
+            async def ask(addr: str, name: str) -> dict:
+                try:
+                    r = await asyncio.wait_for(scheduler.rpc(addr).aicluster_model_info(source=source), INFO_TIMEOUT)
+                except Exception as e:  # a worker without the ModelHost, gone, or too slow
+                    r = {"missing": f"did not answer ({type(e).__name__}: {e})"}
+                return {"address": addr, "name": name, **r}
+
+            mine = await scheduler.handlers[INFO_OP](source=source)
+            rest = await asyncio.gather(*(ask(a, str(ws.name)) for a, ws in list(scheduler.workers.items())
+                                          if a not in skip))
+            return [{"address": scheduler.address, "name": "the scheduler's PC", **mine}, *rest]
+
+        scheduler.handlers[HOLDERS_OP] = holders
+
+
+def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progress=None) -> Path:
+    """``source``'s file into ``cache`` from the PCs of the cluster that have it (called in a
+    thread of ``worker``, not on its event loop). ``FetchError`` names every PC asked and what
+    it lacked."""
+    from distributed.utils import sync
+
+    async def ask() -> list[dict]:
+        return await worker.scheduler.aicluster_model_holders(source=source, exclude=[worker.address])
+
+    try:
+        answers = sync(worker.loop, ask)
+    except Exception as e:
+        raise FetchError(f"model source {source!r} is not on {worker.name}, and the scheduler could not say who has it "
+                         f"({type(e).__name__}: {e}); is it a scheduler of this project (aicluster scheduler, or "
+                         f"dask scheduler --preload cluster.scheduler)?") from None
+    have = [a for a in answers if "sha256" in a]
+    if not have:
+        raise FetchError(f"model source {source!r}: no PC of the cluster has it; asked " + "; ".join(
+            [f"{worker.name} (this worker): {why_missing(source)}"] + [f"{a['name']}: {a.get('missing')}" for a in answers]))
+    logger.info("fetching %s (%d MB) from %s", source, have[0]["size"] // 2**20, ", ".join(a["name"] for a in have))
+
+    def reader(addr: str, sha: str):
+        async def one(i: int) -> bytes:
+            r = await worker.rpc(addr).aicluster_model_chunk(sha256=sha, index=i)
+            return r["data"]
+
+        return lambda i: sync(worker.loop, one, i)
+
+    holders = [Holder(a["name"], a, reader(a["address"], a["sha256"])) for a in have]
+    return fetch(source, holders, cache, in_use=in_use, progress=progress)

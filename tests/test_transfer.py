@@ -1,0 +1,183 @@
+"""Models travel through the cluster (workloads/transfer.py, cluster/modelfiles.py).
+
+The fetch itself on real files (no cluster): chunks checked against their hashes (a corrupted
+one is fetched again), an interrupted transfer resumed with only the missing chunks, the disk
+space refused before the first byte, the cache's LRU limit that never evicts a file in use,
+two fetchers of one file writing it once. Then a cluster of ``aicluster scheduler`` and
+``aicluster worker`` processes, as on separate PCs: the model (an Ollama store) is only on
+the scheduler's PC, the workers fetch it over the cluster's connections and generate what
+the packaged model generates; a second load fetches nothing; a source no PC has is refused
+naming every PC asked."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import base_config, free_port
+from workloads.transfer import FetchError, Holder, ModelCache, digest, fetch
+
+CHUNK = 1 << 20
+
+
+@pytest.fixture
+def blob(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AICLUSTER_DIGESTS", str(tmp_path / "digests"))
+    path = tmp_path / "src" / "model.bin"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(5 * CHUNK + 12345))
+    return path
+
+
+def _reader(path: Path, log: list, fail_at: set = frozenset(), corrupt_once: set | None = None):
+    def read(i: int) -> bytes:
+        log.append(i)
+        if i in fail_at:
+            raise ConnectionError("the link is down")
+        with open(path, "rb") as f:
+            f.seek(i * CHUNK)
+            data = f.read(CHUNK)
+        if corrupt_once is not None and i in corrupt_once:
+            corrupt_once.discard(i)
+            return b"\0" + data[1:]
+        return data
+
+    return read
+
+
+def test_a_corrupted_chunk_is_caught_and_fetched_again(blob, tmp_path):
+    info = digest(blob, CHUNK)
+    log: list = []
+    cache = ModelCache(tmp_path / "cache")
+    got = fetch("path", [Holder("pc1", info, _reader(blob, log, corrupt_once={2}))], cache)
+    assert got.read_bytes() == blob.read_bytes()
+    assert log.count(2) == 2 and len(log) == len(info["chunks"]) + 1
+
+
+def test_an_interrupted_fetch_resumes_with_the_missing_chunks_only(blob, tmp_path):
+    info = digest(blob, CHUNK)
+    cache = ModelCache(tmp_path / "cache")
+    first: list = []
+    with pytest.raises(FetchError, match=r"chunk 3 of 6 could not be fetched.*the next load resumes"):
+        fetch("path", [Holder("pc1", info, _reader(blob, first, fail_at={3}))], cache, patience=1.0)
+    assert first[:4] == [0, 1, 2, 3] and set(first[3:]) == {3}  # chunk 3 tried again until the patience ran out
+    again: list = []
+    got = fetch("path", [Holder("pc2", info, _reader(blob, again))], cache)
+    assert again == [3, 4, 5]  # the chunks fetched before stayed
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == info["sha256"]
+    assert cache.lookup("path") == got
+
+
+def test_a_disk_without_room_is_refused_before_the_transfer(blob, tmp_path, monkeypatch):
+    import shutil
+
+    info = digest(blob, CHUNK)
+    log: list = []
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(FetchError, match=rf"{info['size']} bytes are needed in .* only 1000 are free"):
+        fetch("path", [Holder("pc1", info, _reader(blob, log))], ModelCache(tmp_path / "cache"))
+    assert log == []
+
+
+def test_the_cache_evicts_least_recently_used_never_a_file_in_use(blob, tmp_path):
+    info = digest(blob, CHUNK)
+    cache = ModelCache(tmp_path / "cache", limit=2 * info["size"] + 10)
+    paths = []
+    for k in range(2):
+        other = tmp_path / "src" / f"m{k}.bin"
+        other.write_bytes(os.urandom(info["size"]))
+        d = digest(other, CHUNK)
+        paths.append(fetch(f"m{k}", [Holder("pc1", d, _reader(other, []))], cache))
+    # m0 is older but in use: a third file pushes out m1
+    got = fetch("blob", [Holder("pc1", info, _reader(blob, []))], cache, in_use={paths[0]})
+    assert paths[0].is_file() and not paths[1].exists() and got.is_file()
+    assert [e["sources"] for e in cache.entries()] == [["blob"], ["m0"]]
+    with pytest.raises(FetchError, match="holds at most"):
+        ModelCache(tmp_path / "cache", limit=info["size"]).make_room(info["size"], in_use={paths[0], got})
+
+
+def test_two_fetchers_of_one_file_write_it_once(blob, tmp_path):
+    info = digest(blob, CHUNK)
+    cache = ModelCache(tmp_path / "cache")
+    log: list = []
+    out: list = []
+    threads = [threading.Thread(target=lambda: out.append(fetch("path", [Holder("pc1", info, _reader(blob, log))], cache)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(out) == 2 and out[0] == out[1] and sorted(log) == list(range(len(info["chunks"])))
+
+
+@pytest.mark.slow
+def test_workers_fetch_a_model_that_only_the_scheduler_pc_has(tmp_path, env_with_tests):
+    from distributed import Client
+
+    from procs import proc, read_until
+    from test_sources import GEMMA, ollama_store
+    from workloads.backends.sources import resolve_source
+
+    store = ollama_store(tmp_path / "ollama", resolve_source(GEMMA))
+    data = base_config()
+    data["models"]["gemma-ollama"] = {**data["models"]["gemma-270m"], "source": "ollama:gemma3:270m", "tier": "VRAM6"}
+    data["models"]["gemma-missing"] = {**data["models"]["gemma-ollama"], "source": "ollama:gemma3:9b"}
+    data["models"]["gemma-270m"]["tier"] = "VRAM6"
+    data["routing"]["fallback"]["VRAM6"] = []
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    pcs = {"scheduler": dict(env_with_tests, OLLAMA_MODELS=str(store))}
+    for name in ("pc1", "pc2"):  # their Ollama folders are empty; their caches their own
+        pcs[name] = dict(env_with_tests, OLLAMA_MODELS=str(tmp_path / name / "ollama"),
+                         AICLUSTER_MODEL_CACHE=str(tmp_path / name / "cache"))
+    sched_args = ["aicluster", "scheduler", "--port", str(port), "--dashboard-port", "0", "--config", str(cfg)]
+    prompt = "The three primary colours are"
+    with proc(sched_args, pcs["scheduler"]) as sched:
+        read_until(sched, "scheduler at")
+        with proc(["aicluster", "worker", addr, "--tier", "VRAM6", "--name", "pc1", "--config", str(cfg)], pcs["pc1"]), \
+             proc(["aicluster", "worker", addr, "--tier", "VRAM6", "--name", "pc2", "--config", str(cfg)], pcs["pc2"]):
+            from cluster import connect
+
+            with Client(addr) as c:
+                c.wait_for_workers(2, timeout=120)
+            with connect(str(cfg), address=addr) as ai:
+                want = ai.generate_now(prompt, model="gemma-270m", max_tokens=12)["text"]
+                got = [ai.generate_now(prompt, model="gemma-ollama", max_tokens=12) for _ in range(2)]
+                assert [g["text"] for g in got] == [want, want]
+
+                def cache_of(dask_worker):
+                    host = dask_worker.plugins["aicluster-modelhost"]
+                    entries = host.model_cache.entries()
+                    for e in entries:  # (when the file was written: a new fetch writes a new one)
+                        e["mtime"] = host.model_cache.path_for(e["sha256"], e["name"]).stat().st_mtime_ns
+                    return entries, host.load_counts.get("gemma-ollama", 0)
+
+                state = ai.client.run(cache_of)
+                fetched = {w: e for w, (e, _) in state.items() if e}
+                assert len(fetched) >= 1
+                for entries in fetched.values():
+                    assert [e["sources"] for e in entries] == [["ollama:gemma3:270m"]]
+                    assert entries[0]["size"] == resolve_source(GEMMA).stat().st_size
+                assert sum(n for _, n in state.values()) == len(fetched)  # loaded once where it was fetched
+                # unloaded and asked again: loaded from the cache, nothing fetched anew
+                ai.unload("gemma-ollama")
+                assert ai.generate_now(prompt, model="gemma-ollama", max_tokens=12)["text"] == want
+                again = {w: e for w, (e, _) in ai.client.run(cache_of).items() if e}
+                for w, entries in again.items():
+                    assert len(entries) == 1
+                    if w in fetched:
+                        assert (entries[0]["sha256"], entries[0]["mtime"]) == (fetched[w][0]["sha256"],
+                                                                               fetched[w][0]["mtime"])
+                # a tag no PC has: one line naming each PC asked
+                with pytest.raises(FetchError) as e:
+                    ai.generate_now(prompt, model="gemma-missing", max_tokens=4)
+                msg = str(e.value)
+                assert "no PC of the cluster has it" in msg and "the scheduler's PC" in msg, msg
+                assert "Ollama has not pulled gemma3:9b" in msg and ("pc1" in msg and "pc2" in msg), msg

@@ -1,0 +1,319 @@
+"""Models travel through the cluster: a worker that lacks a model's file gets it from a PC of
+the cluster that has it, over the cluster's own connections (``cluster/plugin.py`` and
+``cluster/scheduler.py`` carry the chunks as Dask comm messages: TLS when ``security.tls``
+is on, no new port).
+
+This module is the part that knows files, not Dask:
+
+* ``digest(path)``: size, SHA-256 and one SHA-256 per chunk, computed once per file
+  (size and modification time) and kept under ``~/.cache/aicluster/digests``;
+* ``Holdings``: the files this process offers (a holder answers ``info`` and ``chunk``);
+* ``ModelCache``: a worker's cache folder (``worker.model_cache``), a size limit, least
+  recently used out first, never a file in use; one file lock per model, so two workers
+  never write one file at once (the second waits and finds it there);
+* ``fetch``: chunks from the holders, each checked against its hash (a corrupted one is
+  fetched again, from another holder when there is one), written at its offset into a
+  ``.part`` file whose record of done chunks makes an interrupted transfer resume; the
+  whole file checked against the holder's SHA-256 before it is used; the space needed is
+  checked before the first byte.
+
+Why by hand: no library moves a file between the processes of a Dask cluster (Dask moves
+task results, held in memory); a model file is GBs, so it goes in verified chunks, to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["CHUNK", "digest", "Holdings", "ModelCache", "Holder", "fetch", "FetchError", "fetchable",
+           "default_cache_dir"]
+
+logger = logging.getLogger("workloads.transfer")
+
+#: bytes per chunk: one Dask message each
+CHUNK = 8 * 2**20
+
+
+class FetchError(FileNotFoundError):
+    """A model file no PC of the cluster could give (the message names each PC and why)."""
+
+
+def fetchable(source: str) -> bool:
+    """Sources a worker may get from a peer: a path, ``ollama:`` and ``hf://`` (a ``package:``
+    is installed with pip on each PC)."""
+    return not source.startswith("package:")
+
+
+def default_cache_dir(worker_name: str) -> Path:
+    base = os.environ.get("AICLUSTER_MODEL_CACHE") or "~/.cache/aicluster/models"
+    return Path(base).expanduser() / "".join(c if c.isalnum() or c in "-_." else "_" for c in worker_name)
+
+
+# -- digests --------------------------------------------------------------------------------------
+def _digest_dir() -> Path:
+    return Path(os.environ.get("AICLUSTER_DIGESTS") or "~/.cache/aicluster/digests").expanduser()
+
+
+def digest(path: Path, chunk: int = CHUNK) -> dict:
+    """``{"size", "sha256", "chunk", "chunks": [sha256 of each chunk], "file": its name}`` of ``path``, computed
+    once for this size and modification time (a holder hashes a 4 GB file once, not per fetch)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{chunk}".encode()).hexdigest()
+    cached = _digest_dir() / f"{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    whole = hashlib.sha256()
+    parts = []
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            whole.update(block)
+            parts.append(hashlib.sha256(block).hexdigest())
+    name = path.name
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF" and not name.endswith(".gguf"):
+            name += ".gguf"  # (an Ollama blob is named by its digest)
+    out = {"size": st.st_size, "sha256": whole.hexdigest(), "chunk": chunk, "chunks": parts, "file": name}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, cached)
+    except OSError:  # a read-only home: computed again next time
+        pass
+    return out
+
+
+class Holdings:
+    """The model files this process offers to the cluster, by SHA-256."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+        self.lock = threading.Lock()
+
+    def offer(self, path: Path) -> dict:
+        d = digest(path)
+        with self.lock:
+            self.paths[d["sha256"]] = Path(path)
+        return d
+
+    def read(self, sha256: str, index: int, chunk: int = CHUNK) -> bytes:
+        with self.lock:
+            path = self.paths.get(sha256)
+        if path is None:
+            raise FetchError(f"no file with SHA-256 {sha256[:12]} is offered here")
+        with open(path, "rb") as f:
+            f.seek(index * chunk)
+            return f.read(chunk)
+
+
+# -- the cache --------------------------------------------------------------------------------------
+class ModelCache:
+    """A worker's model cache: ``<folder>/<sha256>/<file name>``, at most ``limit`` bytes."""
+
+    def __init__(self, folder: Path, limit: int | None = None):
+        self.folder = Path(folder).expanduser()
+        self.limit = limit
+        self.index = self.folder / "index.json"
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.index.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, data: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.index.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.index)
+
+    def path_for(self, sha256: str, name: str) -> Path:
+        return self.folder / sha256 / name
+
+    def lookup(self, source: str) -> Path | None:
+        """The cached file of ``source``, if a fetch finished (and it is still there)."""
+        for sha, e in self._read().items():
+            if source in e.get("sources", []):
+                p = self.path_for(sha, e["name"])
+                if p.is_file() and p.stat().st_size == e["size"]:
+                    self.touch(sha)
+                    return p
+        return None
+
+    def touch(self, sha256: str, source: str | None = None, name: str | None = None, size: int | None = None) -> None:
+        from filelock import FileLock
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.folder / "index.lock")):
+            data = self._read()
+            e = data.setdefault(sha256, {"sources": [], "name": name, "size": size})
+            if source and source not in e["sources"]:
+                e["sources"].append(source)
+            e["last_use"] = time.time()
+            self._write(data)
+
+    def entries(self) -> list[dict]:
+        """What is cached: sha256, name, size, sources, last use (newest first)."""
+        out = [{"sha256": sha, **e} for sha, e in self._read().items() if self.path_for(sha, e["name"]).is_file()]
+        return sorted(out, key=lambda e: -e.get("last_use", 0))
+
+    def make_room(self, need: int, in_use: set[Path] = frozenset()) -> list[str]:
+        """Evict least recently used files (never one in ``in_use``) until ``need`` more bytes
+        fit the limit; the evicted SHA-256s. ``FetchError`` when even that is not enough."""
+        if self.limit is None:
+            return []
+        from filelock import FileLock
+
+        evicted = []
+        with FileLock(str(self.folder / "index.lock")):
+            data = self._read()
+            held = {sha: e for sha, e in data.items() if self.path_for(sha, e["name"]).is_file()}
+            total = sum(e["size"] for e in held.values())
+            for sha, e in sorted(held.items(), key=lambda kv: kv[1].get("last_use", 0)):
+                if total + need <= self.limit:
+                    break
+                path = self.path_for(sha, e["name"])
+                if path.resolve() in {Path(p).resolve() for p in in_use}:
+                    continue
+                shutil.rmtree(path.parent, ignore_errors=True)
+                data.pop(sha, None)
+                total -= e["size"]
+                evicted.append(sha)
+                logger.info("model cache %s: evicted %s (%s, least recently used)", self.folder, e["name"], sha[:12])
+            self._write(data)
+        if total + need > self.limit:
+            raise FetchError(f"the model cache {self.folder} holds at most {self.limit} bytes (worker.model_cache_size); "
+                             f"{need} more do not fit beside the models in use: raise the limit or unload a model")
+        return evicted
+
+
+# -- fetching ----------------------------------------------------------------------------------------
+@dataclass
+class Holder:
+    """A PC that has the file: ``read(index) -> bytes`` of chunk ``index``."""
+
+    name: str
+    info: dict
+    read: Callable[[int], bytes]
+
+
+#: seconds a chunk is tried for (every holder in turn, waiting longer each round) before the
+#: fetch gives up: a cable pulled for a minute is waited for
+PATIENCE = 120.0
+
+
+def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Path] = frozenset(),
+          progress: Callable[[float], None] | None = None, patience: float = PATIENCE) -> Path:
+    """Get ``source``'s file from ``holders`` into ``cache``; its path there. Each chunk is
+    asked of the holders in turn (spread over them), again after a failed or corrupted one,
+    for up to ``patience`` seconds."""
+    if not holders:
+        raise FetchError(f"model source {source!r}: no PC of the cluster has it")
+    info = holders[0].info
+    same = [h for h in holders if h.info["sha256"] == info["sha256"]]
+    sha, size, chunk, hashes, name = info["sha256"], info["size"], info["chunk"], info["chunks"], info["file"]
+    from filelock import FileLock
+
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    target = cache.path_for(sha, name)
+    with FileLock(str(cache.folder / f"{sha}.lock")):  # one writer per file (the others wait, then find it)
+        if target.is_file() and target.stat().st_size == size:
+            cache.touch(sha, source, name, size)
+            return target
+        part = target.with_name(name + ".part")
+        record = target.with_name(name + ".part.json")
+        done: set[int] = set()
+        if part.exists():
+            try:
+                done = set(json.loads(record.read_text())["done"])
+            except (OSError, ValueError, KeyError):
+                done = set()
+        have = sum(min(chunk, size - i * chunk) for i in done)
+        cache.make_room(size, in_use)
+        free = shutil.disk_usage(cache.folder).free
+        if free < size - have:
+            raise FetchError(f"model source {source!r}: {size - have} bytes are needed in {cache.folder}, only {free} "
+                             f"are free on that disk; free some space or set worker.model_cache to another disk")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+
+        def save() -> None:  # what is on disk for sure: the next fetch resumes from it
+            os.fsync(fd)
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"sha256": sha, "done": sorted(done)}))
+            os.replace(tmp, record)
+
+        try:
+            os.ftruncate(fd, size)
+            todo = [i for i in range(len(hashes)) if i not in done]
+            if done:
+                logger.info("fetching %s: resuming, %d of %d chunks already here", name, len(done), len(hashes))
+            last_report = 0.0
+            for n, i in enumerate(todo):
+                data = None
+                errors = []
+                give_up = time.monotonic() + patience
+                attempt = 0
+                while data is None and (attempt == 0 or time.monotonic() < give_up):
+                    h = same[(i + attempt) % len(same)]  # spread over the holders; the next on a failure
+                    attempt += 1
+                    try:
+                        got = h.read(i)
+                    except Exception as e:  # a holder that left, a cut link: the next one, or again later
+                        errors.append(f"{h.name}: {type(e).__name__}: {e}")
+                        if attempt % len(same) == 0:
+                            time.sleep(min(0.5 * attempt / len(same), 5))
+                        continue
+                    if hashlib.sha256(got).hexdigest() == hashes[i]:
+                        data = got
+                    else:
+                        errors.append(f"{h.name}: chunk {i} failed its SHA-256 check")
+                        logger.warning("fetching %s: chunk %d from %s failed its SHA-256 check; fetching it again",
+                                       name, i, h.name)
+                        if attempt % len(same) == 0:
+                            time.sleep(min(0.5 * attempt / len(same), 5))
+                if data is None:
+                    save()
+                    raise FetchError(f"model source {source!r}: chunk {i} of {len(hashes)} could not be fetched: "
+                                     + "; ".join(errors[-4:]) + f" (the {len(done)} chunks fetched are kept in {part}: "
+                                     "the next load resumes)")
+                os.pwrite(fd, data, i * chunk)
+                done.add(i)
+                if len(done) % 8 == 0 or n == len(todo) - 1:
+                    save()
+                frac = len(done) / len(hashes)
+                if progress is not None:
+                    progress(frac)
+                if frac - last_report >= 0.1 or frac == 1:
+                    last_report = frac
+                    logger.info("fetching %s: %.0f%% (%d of %d MB)", name, 100 * frac, len(done) * chunk // 2**20,
+                                size // 2**20)
+        finally:
+            os.close(fd)
+        whole = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                whole.update(block)
+        if whole.hexdigest() != sha:
+            part.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+            raise FetchError(f"model source {source!r}: the fetched file's SHA-256 is not the holder's; it was removed "
+                             f"(load again to fetch it anew)")
+        os.replace(part, target)
+        record.unlink(missing_ok=True)
+        cache.touch(sha, source, name, size)
+        return target
