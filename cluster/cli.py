@@ -469,13 +469,14 @@ For a plain `dask worker`: dask worker tls://SCHEDULER_PC:8786 --preload cluster
   --tls-ca-file {folder}/ca.pem --tls-cert {folder}/THIS_PC.pem --tls-key {folder}/THIS_PC.key""")
 
 
-from .cli_batch import (bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, pipeline_cmd, shard_cmd,  # noqa: E402
+from .cli_batch import (bench_cmd, cancel_cmd, embed_cmd, generate_cmd, jobs_cmd, models_cmd, pipeline_cmd, shard_cmd,  # noqa: E402
                         submit_cmd)
 
 main.add_command(embed_cmd)
 main.add_command(generate_cmd)
 main.add_command(pipeline_cmd)
 main.add_command(jobs_cmd)
+main.add_command(models_cmd)
 main.add_command(cancel_cmd)
 main.add_command(bench_cmd)
 main.add_command(submit_cmd)

@@ -1,7 +1,7 @@
 """Batch commands that use models: ``aicluster embed`` and ``aicluster generate``.
 
 Why this module is long: it holds the CLI's batch family (embed, generate, pipeline, jobs,
-cancel, bench, submit, shard), one self-contained function per command with its own
+models, cancel, bench, submit, shard), one self-contained function per command with its own
 ``--help`` text and examples; the shared plumbing lives in ``cli_common.py`` and the work in
 the modules each command calls. A new batch command goes here; another family gets its own
 ``cli_*.py``.
@@ -465,6 +465,29 @@ def jobs_cmd(address, state, limit, as_json, config_path):
     with scheduler_client(address, cfg) as client:
         rows = client.run_on_scheduler(job_rows, states=list(state) or None, limit=limit)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_jobs(rows))
+
+
+@click.command("models")
+@click.argument("address", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP)
+def models_cmd(address, as_json, config_path):
+    """List what each PC's model cache holds: the files fetched from other PCs of the cluster
+    at ADDRESS, their size, SHA-256, source, last use and whether a resident model uses them.
+
+    \b
+    Examples:
+      aicluster models tcp://192.168.1.10:8786
+      aicluster models tcp://192.168.1.10:8786 --json
+    """
+    from .modelfiles import cache_listing, format_caches
+
+    cfg = load_cfg(config_path)
+    with scheduler_client(address, cfg) as client:
+        names = {a: str(w.get("name", a)) for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        listing = {names.get(a, a): c for a, c in client.run(cache_listing, on_error="return").items()
+                   if isinstance(c, dict)}
+    click.echo(json.dumps(listing, indent=2, default=str) if as_json else format_caches(listing))
 
 
 @click.command("cancel")

@@ -18,9 +18,11 @@ from pathlib import Path
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from workloads.backends.sources import local_path, why_missing
+from workloads.host import PLUGIN_NAME
 from workloads.transfer import FetchError, Holder, Holdings, ModelCache, fetch, fetchable
 
-__all__ = ["ModelFiles", "serve_model_files", "fetch_model", "INFO_OP", "CHUNK_OP", "HOLDERS_OP"]
+__all__ = ["ModelFiles", "serve_model_files", "fetch_model", "cache_listing", "format_caches", "INFO_OP", "CHUNK_OP",
+           "HOLDERS_OP"]
 
 logger = logging.getLogger("cluster.modelfiles")
 
@@ -105,3 +107,38 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
 
     holders = [Holder(a["name"], a, reader(a["address"], a["sha256"])) for a in have]
     return fetch(source, holders, cache, in_use=in_use, progress=progress)
+
+
+def cache_listing(dask_worker=None) -> dict:
+    """``client.run``: this worker's model cache (folder, limit, entries) for ``aicluster models``."""
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    cache = getattr(host, "model_cache", None)
+    if cache is None:
+        return {"folder": None, "limit": None, "entries": []}
+    return {"folder": str(cache.folder), "limit": cache.limit, "entries": cache.entries(),
+            "in_use": [str(p) for p in host.sources_in_use()]}
+
+
+def format_caches(listing: dict) -> str:
+    """The ``aicluster models`` table: per PC, what its model cache holds."""
+    import datetime
+
+    from dask.utils import format_bytes
+
+    from .status import text_table
+
+    body = []
+    for name, c in sorted(listing.items()):
+        if not c["entries"]:
+            body.append([name, "(empty)", "", "", "", "", ""])
+        for e in c["entries"]:
+            path = str(Path(c["folder"]) / e["sha256"] / e["name"])
+            used = datetime.datetime.fromtimestamp(e.get("last_use", 0)).strftime("%Y-%m-%d %H:%M")
+            body.append([name, e["name"], format_bytes(e["size"]), e["sha256"][:12], ", ".join(e["sources"]), used,
+                         "yes" if path in c.get("in_use", []) else ""])
+    lines = text_table(["PC", "file", "size", "sha256", "source", "last use", "in use"], body)
+    for name, c in sorted(listing.items()):
+        total = sum(e["size"] for e in c["entries"])
+        limit = format_bytes(c["limit"]) if c["limit"] else "no limit"
+        lines.append(f"{name}: {c['folder']} holds {format_bytes(total)} ({limit})")
+    return "\n".join(lines)

@@ -614,7 +614,7 @@ class ModelHost(WorkerPlugin):
             return spec
         path = self.model_cache.lookup(source)
         if path is None:
-            in_use = {Path(s) for s in self._sources_in_use()}
+            in_use = {Path(s) for s in self.sources_in_use()}
 
             def progress(frac: float) -> None:
                 self.worker.log_event("aicluster-load", {"model": name, "progress": frac, "phase": "fetch"})
@@ -627,7 +627,7 @@ class ModelHost(WorkerPlugin):
                 raise
         return spec.model_copy(update={"source": str(path)})
 
-    def _sources_in_use(self) -> list[str]:
+    def sources_in_use(self) -> list[str]:
         """The files the resident models were loaded from (never evicted from the cache)."""
         return [self._model_paths[n] for n in list(self._models) if n in self._model_paths]
 

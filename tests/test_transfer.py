@@ -11,6 +11,7 @@ naming every PC asked."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_two_fetchers_of_one_file_write_it_once(blob, tmp_path):
 def test_workers_fetch_a_model_that_only_the_scheduler_pc_has(tmp_path, env_with_tests):
     from distributed import Client
 
-    from procs import proc, read_until
+    from procs import proc, read_until, run
     from test_sources import GEMMA, ollama_store
     from workloads.backends.sources import resolve_source
 
@@ -175,6 +176,15 @@ def test_workers_fetch_a_model_that_only_the_scheduler_pc_has(tmp_path, env_with
                     if w in fetched:
                         assert (entries[0]["sha256"], entries[0]["mtime"]) == (fetched[w][0]["sha256"],
                                                                                fetched[w][0]["mtime"])
+                # `aicluster models`: what each PC's cache holds, in use by a resident model
+                listed = run(["models", addr, "--json", "--config", str(cfg)], env_with_tests)
+                assert listed.returncode == 0, listed.stderr
+                caches = json.loads(listed.stdout)
+                assert set(caches) == {"pc1", "pc2"}
+                held = [(name, e) for name, c in caches.items() for e in c["entries"]]
+                assert held and all(e["sources"] == ["ollama:gemma3:270m"] for _, e in held)
+                table = run(["models", addr, "--config", str(cfg)], env_with_tests).stdout
+                assert held[0][1]["sha256"][:12] in table and "ollama:gemma3:270m" in table and "yes" in table
                 # a tag no PC has: one line naming each PC asked
                 with pytest.raises(FetchError) as e:
                     ai.generate_now(prompt, model="gemma-missing", max_tokens=4)
