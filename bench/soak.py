@@ -210,13 +210,14 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
 
 
 def near_greedy(llm, prompt: str, text: str, max_tokens: int, stop=(), margin: float = MARGIN,
-                budget: int = 2000) -> bool:
+                budget: int = 400) -> bool:
     """Whether a greedy run of ``prompt`` can give ``text`` when the sums round a little
     differently: a path of tokens, each within ``margin`` logits of the best token at its
     step in an in-process llama.cpp run, that decodes to ``text`` and ends as the engine
     ends (an end-of-generation token, a stop string, or ``max_tokens``). The search follows
     only tokens that keep the decoded bytes on ``text`` (a few, however wide the margin),
-    at most ``budget`` evaluations. Repeated or missing text, another request's text, a cut
+    at most ``budget`` evaluations, each place in the text at each token count visited once
+    (another split of the same bytes into tokens is not explored again). Repeated or missing text, another request's text, a cut
     or a wrong prompt need tokens far from the best ones: False.
     ``greedy_texts`` lists texts for messages; this decides."""
     import numpy as np
@@ -241,6 +242,7 @@ def near_greedy(llm, prompt: str, text: str, max_tokens: int, stop=(), margin: f
 
     prompt_ids = tokenize_prompt(llm, prompt)
     todo = [(prompt_ids, b"")]  # depth first, the best token on top
+    seen: set[tuple[int, int]] = set()
     while todo and budget > 0:
         ids, got = todo.pop()
         budget -= 1
@@ -264,7 +266,9 @@ def near_greedy(llm, prompt: str, text: str, max_tokens: int, stop=(), margin: f
                 continue
             # on the text, or past its end by less than a stop string (which may still come)
             if target.startswith(t) or (t.startswith(target) and len(t) - len(target) < longest_stop):
-                todo.append((ids + [tok], t))
+                if (len(t), len(ids) + 1) not in seen:
+                    seen.add((len(t), len(ids) + 1))
+                    todo.append((ids + [tok], t))
     return False
 
 

@@ -39,6 +39,10 @@ def serve_model_files(server, holdings: Holdings, cache: ModelCache | None = Non
         path = local_path(source) if fetchable(source) else None
         if path is None and cache is not None:
             path = cache.lookup(source)
+        if path is None:
+            partial = holdings.partial_info(source)  # being fetched here: the chunks it has so far
+            if partial is not None:
+                return partial
         if path is None or not Path(path).is_file():
             return {"missing": why_missing(source) if path is None else f"{path} is a folder (only files travel)"}
         return await asyncio.to_thread(holdings.offer, Path(path))
@@ -77,26 +81,21 @@ class ModelFiles(SchedulerPlugin):
         scheduler.handlers[HOLDERS_OP] = holders
 
 
-def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progress=None) -> Path:
+def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progress=None,
+                holdings: Holdings | None = None) -> Path:
     """``source``'s file into ``cache`` from the PCs of the cluster that have it (called in a
-    thread of ``worker``, not on its event loop). ``FetchError`` names every PC asked and what
-    it lacked."""
+    thread of ``worker``, not on its event loop), taking chunks from the other workers that
+    fetch it at the same time too, and offering its own to them (``holdings``; each fetcher
+    begins at a random chunk, so they have more to give each other). ``FetchError`` names
+    every PC asked and what it lacked."""
     from distributed.utils import sync
 
     async def ask() -> list[dict]:
         return await worker.scheduler.aicluster_model_holders(source=source, exclude=[worker.address])
 
-    try:
-        answers = sync(worker.loop, ask)
-    except Exception as e:
-        raise FetchError(f"model source {source!r} is not on {worker.name}, and the scheduler could not say who has it "
-                         f"({type(e).__name__}: {e}); is it a scheduler of this project (aicluster scheduler, or "
-                         f"dask scheduler --preload cluster.scheduler)?") from None
-    have = [a for a in answers if "sha256" in a]
-    if not have:
-        raise FetchError(f"model source {source!r}: no PC of the cluster has it; asked " + "; ".join(
-            [f"{worker.name} (this worker): {why_missing(source)}"] + [f"{a['name']}: {a.get('missing')}" for a in answers]))
-    logger.info("fetching %s (%d MB) from %s", source, have[0]["size"] // 2**20, ", ".join(a["name"] for a in have))
+    def holders_of(answers: list[dict]) -> list[Holder]:
+        return [Holder(a["name"], a, reader(a["address"], a["sha256"]),
+                       set(a["partial"]) if "partial" in a else None) for a in answers if "sha256" in a]
 
     def reader(addr: str, sha: str):
         async def one(i: int) -> bytes:
@@ -105,8 +104,25 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
 
         return lambda i: sync(worker.loop, one, i)
 
-    holders = [Holder(a["name"], a, reader(a["address"], a["sha256"])) for a in have]
-    return fetch(source, holders, cache, in_use=in_use, progress=progress)
+    try:
+        answers = sync(worker.loop, ask)
+    except Exception as e:
+        raise FetchError(f"model source {source!r} is not on {worker.name}, and the scheduler could not say who has it "
+                         f"({type(e).__name__}: {e}); is it a scheduler of this project (aicluster scheduler, or "
+                         f"dask scheduler --preload cluster.scheduler)?") from None
+    have = [a for a in answers if "sha256" in a]
+    if not any("partial" not in a for a in have):  # only other fetchers: nobody has it whole
+        have = []
+    if not have:
+        raise FetchError(f"model source {source!r}: no PC of the cluster has it; asked " + "; ".join(
+            [f"{worker.name} (this worker): {why_missing(source)}"] + [f"{a['name']}: {a.get('missing')}" for a in answers]))
+    logger.info("fetching %s (%d MB) from %s", source, have[0]["size"] // 2**20, ", ".join(a["name"] for a in have))
+
+    import random
+
+    return fetch(source, holders_of(have), cache, in_use=in_use, progress=progress, holdings=holdings,
+                 refresh=lambda: holders_of(sync(worker.loop, ask)),
+                 start=random.randrange(len(have[0]["chunks"]) or 1))
 
 
 def cache_listing(dask_worker=None) -> dict:

@@ -620,7 +620,7 @@ class ModelHost(WorkerPlugin):
                 self.worker.log_event("aicluster-load", {"model": name, "progress": frac, "phase": "fetch"})
 
             try:
-                path = fetch_model(self.worker, source, self.model_cache, in_use, progress)
+                path = fetch_model(self.worker, source, self.model_cache, in_use, progress, self.holdings)
             except FetchError:
                 if source.startswith("hf://"):
                     return spec  # (resolve_source downloads it, or says the cache lacks it offline)

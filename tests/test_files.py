@@ -212,9 +212,11 @@ def test_ctrl_c_of_generate_is_quiet_and_keeps_what_finished(ai, tmp_path, env_w
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {i}."}) + "\n" for i in range(20)))
     out = tmp_path / "a.jsonl"
     # its own process group, as a terminal's Ctrl-C reaches every process of the command
+    # one prompt at a time, so that the Ctrl-C comes while most are still to do (a batch of 8
+    # finishes the 20 in a few seconds on a fast PC, sometimes before the signal lands)
     p = subprocess.Popen([str(BIN / "aicluster"), "generate", "--prompts", str(prompts), "-o", str(out),
-                          "--max-tokens", "30"], env=env_with_tests, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                          "--max-tokens", "30", "--in-flight", "1"], env=env_with_tests, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     err = []
     threading.Thread(target=lambda: err.extend(p.stderr), daemon=True).start()
     deadline = time.monotonic() + 180

@@ -63,7 +63,7 @@ def test_the_soak_lists_near_greedy_texts_and_nothing_else():
         assert stopped and all("GPU" not in t for t in stopped)
 
         assert near_greedy(llm, PROMPTS[7], text, 16, margin=0)
-        for p in PROMPTS:
+        for p in PROMPTS[5:]:  # (each text costs an in-process run: three prompts' lists)
             for t in greedy_texts(llm, p, 16, margin=MARGIN):
                 assert near_greedy(llm, p, t, 16, margin=JUDGE_MARGIN), (p, t)
         assert not near_greedy(llm, PROMPTS[7], text + text, 16, margin=JUDGE_MARGIN)

@@ -191,3 +191,55 @@ def test_workers_fetch_a_model_that_only_the_scheduler_pc_has(tmp_path, env_with
                 msg = str(e.value)
                 assert "no PC of the cluster has it" in msg and "the scheduler's PC" in msg, msg
                 assert "Ollama has not pulled gemma3:9b" in msg and ("pc1" in msg and "pc2" in msg), msg
+
+
+def test_a_second_fetcher_takes_chunks_from_the_first(tmp_path, monkeypatch):
+    """Two workers fetch one file at once from one source (its uplink slow: 0.05 s a chunk),
+    beginning at different chunks: each offers the chunks it has (``Holdings``), and each
+    takes from the other what the other has, so the source serves fewer chunks than twice
+    the file."""
+    import time
+
+    import workloads.transfer as transfer
+    from workloads.transfer import Holdings
+
+    monkeypatch.setenv("AICLUSTER_DIGESTS", str(tmp_path / "digests"))
+    monkeypatch.setattr(transfer, "REFRESH", 0.05)
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(24 * CHUNK))
+    info = digest(path, CHUNK)
+    n = len(info["chunks"])
+    served: list = []
+
+    def slow(i: int) -> bytes:
+        time.sleep(0.05)
+        return _reader(path, served)(i)
+
+    source = Holder("sched", info, slow)
+    shops = {"a": Holdings(), "b": Holdings()}
+    peer_reads = {"a": 0, "b": 0}
+
+    def peer(name: str) -> Holder:
+        part = shops[name].partial_info("m")
+        have = set(part["partial"]) if part else set()
+
+        def read(i: int) -> bytes:
+            peer_reads[name] += 1
+            return shops[name].read(info["sha256"], i, CHUNK)
+
+        return Holder(name, info, read, have if part else set())
+
+    out = {}
+
+    def run(me: str, other: str, start: int) -> None:
+        out[me] = fetch("m", [source], ModelCache(tmp_path / me), holdings=shops[me], start=start,
+                        refresh=lambda: [source, peer(other)])
+
+    threads = [threading.Thread(target=run, args=("a", "b", 0)), threading.Thread(target=run, args=("b", "a", n // 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert out["a"].read_bytes() == out["b"].read_bytes() == path.read_bytes()
+    assert len(served) < 2 * n and peer_reads["a"] + peer_reads["b"] == 2 * n - len(served), (len(served), peer_reads)
+    assert peer_reads["a"] > 0 and peer_reads["b"] > 0

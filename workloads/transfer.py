@@ -98,11 +98,35 @@ def digest(path: Path, chunk: int = CHUNK) -> dict:
 
 
 class Holdings:
-    """The model files this process offers to the cluster, by SHA-256."""
+    """The model files this process offers to the cluster, by SHA-256: whole files, and the
+    chunks of a file it is fetching itself (``share``), so that the next fetcher of the same
+    file takes them from here and the source PC's uplink is not the limit."""
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
+        #: sha256 -> (the .part file, the set of chunks done in it (the fetch adds to it), info)
+        self.partial: dict[str, tuple[Path, set, dict]] = {}
+        self.partial_sources: dict[str, str] = {}
         self.lock = threading.Lock()
+
+    def share(self, source: str, info: dict, part: Path, done: set) -> None:
+        with self.lock:
+            self.partial[info["sha256"]] = (Path(part), done, info)
+            self.partial_sources[source] = info["sha256"]
+
+    def unshare(self, source: str) -> None:
+        with self.lock:
+            sha = self.partial_sources.pop(source, None)
+            self.partial.pop(sha, None)
+
+    def partial_info(self, source: str) -> dict | None:
+        """The holder info of ``source`` while it is being fetched here, with the chunks done."""
+        with self.lock:
+            sha = self.partial_sources.get(source)
+            if sha is None or sha not in self.partial:
+                return None
+            _, done, info = self.partial[sha]
+            return {**info, "partial": sorted(done)}
 
     def offer(self, path: Path) -> dict:
         d = digest(path)
@@ -113,8 +137,11 @@ class Holdings:
     def read(self, sha256: str, index: int, chunk: int = CHUNK) -> bytes:
         with self.lock:
             path = self.paths.get(sha256)
+            part = self.partial.get(sha256)
+        if path is None and part is not None and index in part[1]:
+            path = part[0]
         if path is None:
-            raise FetchError(f"no file with SHA-256 {sha256[:12]} is offered here")
+            raise FetchError(f"no file with SHA-256 {sha256[:12]} (or not its chunk {index}) is offered here")
         with open(path, "rb") as f:
             f.seek(index * chunk)
             return f.read(chunk)
@@ -204,11 +231,13 @@ class ModelCache:
 # -- fetching ----------------------------------------------------------------------------------------
 @dataclass
 class Holder:
-    """A PC that has the file: ``read(index) -> bytes`` of chunk ``index``."""
+    """A PC that has the file (``have`` None), or the chunks ``have`` of it (it is fetching
+    it too): ``read(index) -> bytes`` of chunk ``index``."""
 
     name: str
     info: dict
     read: Callable[[int], bytes]
+    have: set | None = None
 
 
 #: seconds a chunk is tried for (every holder in turn, waiting longer each round) before the
@@ -216,14 +245,26 @@ class Holder:
 PATIENCE = 120.0
 
 
+#: seconds between two looks at who has which chunks (other fetchers progress meanwhile)
+REFRESH = 1.0
+
+
 def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Path] = frozenset(),
-          progress: Callable[[float], None] | None = None, patience: float = PATIENCE) -> Path:
-    """Get ``source``'s file from ``holders`` into ``cache``; its path there. Each chunk is
-    asked of the holders in turn (spread over them), again after a failed or corrupted one,
-    for up to ``patience`` seconds."""
+          progress: Callable[[float], None] | None = None, patience: float = PATIENCE,
+          refresh: Callable[[], list[Holder]] | None = None, holdings: Holdings | None = None,
+          start: int = 0) -> Path:
+    """Get ``source``'s file from ``holders`` into ``cache``; its path there.
+
+    Each chunk is asked first of a PC that is fetching the same file and has it (to spare the
+    source PC's uplink), else of the whole files' holders in turn (spread over them); again
+    after a failed or corrupted one, for up to ``patience`` seconds. ``refresh()`` gives the
+    holders anew (every ``REFRESH`` s); with ``holdings``, the chunks fetched here are offered
+    to the others as they come. ``start``: the chunk to begin with (fetchers that begin at
+    different places have more to give each other)."""
+    complete = [h for h in holders if h.have is None]
     if not holders:
         raise FetchError(f"model source {source!r}: no PC of the cluster has it")
-    info = holders[0].info
+    info = (complete or holders)[0].info
     same = [h for h in holders if h.info["sha256"] == info["sha256"]]
     sha, size, chunk, hashes, name = info["sha256"], info["size"], info["chunk"], info["chunks"], info["file"]
     from filelock import FileLock
@@ -257,26 +298,50 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
             tmp.write_text(json.dumps({"sha256": sha, "done": sorted(done)}))
             os.replace(tmp, record)
 
+        if holdings is not None:
+            holdings.share(source, {k: info[k] for k in ("size", "sha256", "chunk", "chunks", "file")}, part, done)
         try:
             os.ftruncate(fd, size)
             todo = [i for i in range(len(hashes)) if i not in done]
+            k = start % len(todo) if todo else 0
+            todo = todo[k:] + todo[:k]
+            looked = time.monotonic()
             if done:
                 logger.info("fetching %s: resuming, %d of %d chunks already here", name, len(done), len(hashes))
             last_report = 0.0
-            for n, i in enumerate(todo):
+            remaining = list(todo)
+            while remaining:
+                if refresh is not None and time.monotonic() - looked > REFRESH:
+                    looked = time.monotonic()
+                    try:
+                        fresh = [h for h in refresh() if h.info["sha256"] == sha]
+                    except Exception:  # (the holders known so far go on)
+                        fresh = []
+                    same = fresh or same
+                # a chunk another fetcher has comes from it (its uplink, not the source's);
+                # else the next one in this fetcher's own order
+                at_peers = set().union(*(h.have for h in same if h.have is not None))
+                i = next((c for c in remaining if c in at_peers), remaining[0])
+                remaining.remove(i)
                 data = None
                 errors = []
                 give_up = time.monotonic() + patience
                 attempt = 0
                 while data is None and (attempt == 0 or time.monotonic() < give_up):
-                    h = same[(i + attempt) % len(same)]  # spread over the holders; the next on a failure
+                    peers = [h for h in same if h.have is not None and i in h.have]
+                    full = [h for h in same if h.have is None] or [h for h in same if h.have is not None]
+                    full = full[i % len(full):] + full[:i % len(full)]  # spread over the whole files' holders
+                    order = peers + full  # a peer that has it first; the next on a failure
+                    h = order[attempt % len(order)]
                     attempt += 1
                     try:
                         got = h.read(i)
                     except Exception as e:  # a holder that left, a cut link: the next one, or again later
                         errors.append(f"{h.name}: {type(e).__name__}: {e}")
-                        if attempt % len(same) == 0:
-                            time.sleep(min(0.5 * attempt / len(same), 5))
+                        if h.have is not None:
+                            h.have.discard(i)  # (a peer that lacks it after all: the others)
+                        if attempt % len(order) == 0:
+                            time.sleep(min(0.5 * attempt / len(order), 5))
                         continue
                     if hashlib.sha256(got).hexdigest() == hashes[i]:
                         data = got
@@ -284,8 +349,8 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                         errors.append(f"{h.name}: chunk {i} failed its SHA-256 check")
                         logger.warning("fetching %s: chunk %d from %s failed its SHA-256 check; fetching it again",
                                        name, i, h.name)
-                        if attempt % len(same) == 0:
-                            time.sleep(min(0.5 * attempt / len(same), 5))
+                        if attempt % len(order) == 0:
+                            time.sleep(min(0.5 * attempt / len(order), 5))
                 if data is None:
                     save()
                     raise FetchError(f"model source {source!r}: chunk {i} of {len(hashes)} could not be fetched: "
@@ -293,7 +358,7 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                                      "the next load resumes)")
                 os.pwrite(fd, data, i * chunk)
                 done.add(i)
-                if len(done) % 8 == 0 or n == len(todo) - 1:
+                if len(done) % 8 == 0 or not remaining:
                     save()
                 frac = len(done) / len(hashes)
                 if progress is not None:
@@ -304,6 +369,8 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                                 size // 2**20)
         finally:
             os.close(fd)
+            if holdings is not None:
+                holdings.unshare(source)
         whole = hashlib.sha256()
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -316,4 +383,6 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
         os.replace(part, target)
         record.unlink(missing_ok=True)
         cache.touch(sha, source, name, size)
+        if holdings is not None:
+            holdings.offer(target)
         return target
