@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["embeddings", "generate", "concurrency", "prefix", "spread", "serve", "sharded", "overhead", "peers"]
+SCRIPTS = ["embeddings", "generate", "concurrency", "prefix", "spread", "serve", "sharded", "overhead", "peers", "transfer"]
 #: RESULT names whose ratio is a cost (time over a baseline): lower is better
 LOWER_IS_BETTER = {"generate_warm", "routed_submit", "serve_latency", "fetch_fanout"}
 RESULT = re.compile(r"^RESULT (\S+) (\w+)=(\S+) target=(\S+)")

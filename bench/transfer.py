@@ -131,6 +131,12 @@ def main() -> int:
                     raise SystemExit(r.stdout[-3000:] + r.stderr[-3000:])
                 return json.loads(line[6:])
 
+            def sent(pc: str) -> int:
+                """Bytes ``pc`` has sent on its link (its interface's counter)."""
+                r = subprocess.run(["ip", "-n", lab.ns(pc), "-j", "-s", "link", "show", "dev", lab._veth(pc)[1]],
+                                   capture_output=True, text=True, check=True)
+                return int(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
+
             def clear() -> None:
                 for w in tiers:
                     shutil.rmtree(folder / w / "cache", ignore_errors=True)
@@ -138,15 +144,17 @@ def main() -> int:
             # the scheduler PC hashes its file once (its first answer): not part of a fetch
             times(["gemma-w1"])
             clear()
-            one, many = [], []
+            one, many, source_share = [], [], []
             for _ in range(a.repeats):
                 clear()
                 fetch_and_load = times(["gemma-w1"])["gemma-w1"]
                 load = times(["gemma-w1"])["gemma-w1"]  # from the cache now
                 one.append(max(fetch_and_load - load, 1e-3))
                 clear()
+                before = sent("sched")
                 both = times(["gemma-w1", "gemma-w2", "gemma-w3"])
                 many.append(max(both["all"] - load, 1e-3))
+                source_share.append((sent("sched") - before) / (3 * size))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     fetch_s, fan_s = min(one), min(many)
@@ -155,6 +163,8 @@ def main() -> int:
           f"{'TLS' if a.tls else 'plain TCP'}")
     print(f"one worker: {fetch_s:.1f} s ({size / fetch_s / 2**20:.1f} MiB/s); three at once: {fan_s:.1f} s "
           f"(runs: {', '.join(f'{x:.1f}' for x in one)} / {', '.join(f'{x:.1f}' for x in many)})")
+    print(f"three at once: the source PC sent {min(source_share):.2f} of the three files' bytes (1.00: no chunk "
+          f"passed between the fetchers; 0.33: each chunk left it once)")
     print("sides: the fetch, one thread per worker process, against the link's rate; three workers against one, "
           f"the same source PC; {os.cpu_count()} cores")
     print(f"RESULT model_fetch ratio={size / fetch_s / link:.3f} target=0.80")

@@ -58,6 +58,7 @@ class ModelFiles(SchedulerPlugin):
     """The scheduler offers the model files of its PC and finds the holders of one."""
 
     name = "aicluster-model-files"
+    idempotent = True  # (the scheduler's preload and each client register it; the first one stays)
 
     async def start(self, scheduler) -> None:
         self.holdings = Holdings()  # (made here: the plugin travels pickled from a client)

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import psutil
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from workloads.backends import ModelCrashed, backend_module
+from workloads.backends import BUILTIN, ModelCrashed, backend_module
 from workloads.backends.sources import local_path
 from workloads.compat import count_child_memory
 from workloads.transfer import FetchError, Holdings, ModelCache, default_cache_dir, fetchable
@@ -610,8 +610,8 @@ class ModelHost(WorkerPlugin):
         fetched from a PC of the cluster that has it, in this worker's model cache (an
         ``hf://`` file no PC has is left to ``huggingface_hub`` to download)."""
         source = spec.source
-        if not fetchable(source) or local_path(source) is not None:
-            return spec
+        if spec.backend not in BUILTIN or not fetchable(source) or local_path(source) is not None:
+            return spec  # (a backend of the user's reads its source its own way)
         path = self.model_cache.lookup(source)
         if path is None:
             in_use = {Path(s) for s in self.sources_in_use()}

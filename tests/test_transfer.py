@@ -64,11 +64,12 @@ def test_an_interrupted_fetch_resumes_with_the_missing_chunks_only(blob, tmp_pat
     cache = ModelCache(tmp_path / "cache")
     first: list = []
     with pytest.raises(FetchError, match=r"chunk 3 of 6 could not be fetched.*the next load resumes"):
-        fetch("path", [Holder("pc1", info, _reader(blob, first, fail_at={3}))], cache, patience=1.0)
+        fetch("path", [Holder("pc1", info, _reader(blob, first, fail_at={3}))], cache, patience=1.0,
+              parallel=1)
     assert first[:4] == [0, 1, 2, 3] and set(first[3:]) == {3}  # chunk 3 tried again until the patience ran out
     again: list = []
     got = fetch("path", [Holder("pc2", info, _reader(blob, again))], cache)
-    assert again == [3, 4, 5]  # the chunks fetched before stayed
+    assert sorted(again) == [3, 4, 5]  # the chunks fetched before stayed
     assert hashlib.sha256(got.read_bytes()).hexdigest() == info["sha256"]
     assert cache.lookup("path") == got
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .backends.sources import SourceError
+
 __all__ = ["CHUNK", "digest", "Holdings", "ModelCache", "Holder", "fetch", "FetchError", "fetchable",
            "default_cache_dir"]
 
@@ -42,7 +44,7 @@ logger = logging.getLogger("workloads.transfer")
 CHUNK = 8 * 2**20
 
 
-class FetchError(FileNotFoundError):
+class FetchError(SourceError):
     """A model file no PC of the cluster could give (the message names each PC and why)."""
 
 
@@ -252,7 +254,7 @@ REFRESH = 1.0
 def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Path] = frozenset(),
           progress: Callable[[float], None] | None = None, patience: float = PATIENCE,
           refresh: Callable[[], list[Holder]] | None = None, holdings: Holdings | None = None,
-          start: int = 0) -> Path:
+          start: int = 0, parallel: int = 3) -> Path:
     """Get ``source``'s file from ``holders`` into ``cache``; its path there.
 
     Each chunk is asked first of a PC that is fetching the same file and has it (to spare the
@@ -260,7 +262,8 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
     after a failed or corrupted one, for up to ``patience`` seconds. ``refresh()`` gives the
     holders anew (every ``REFRESH`` s); with ``holdings``, the chunks fetched here are offered
     to the others as they come. ``start``: the chunk to begin with (fetchers that begin at
-    different places have more to give each other)."""
+    different places have more to give each other). ``parallel`` chunks are asked at once (one
+    from a peer while another comes from the source)."""
     complete = [h for h in holders if h.have is None]
     if not holders:
         raise FetchError(f"model source {source!r}: no PC of the cluster has it")
@@ -310,26 +313,43 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                 logger.info("fetching %s: resuming, %d of %d chunks already here", name, len(done), len(hashes))
             last_report = 0.0
             remaining = list(todo)
-            while remaining:
-                if refresh is not None and time.monotonic() - looked > REFRESH:
-                    looked = time.monotonic()
-                    try:
-                        fresh = [h for h in refresh() if h.info["sha256"] == sha]
-                    except Exception:  # (the holders known so far go on)
-                        fresh = []
-                    same = fresh or same
-                # a chunk another fetcher has comes from it (its uplink, not the source's);
-                # else the next one in this fetcher's own order
-                at_peers = set().union(*(h.have for h in same if h.have is not None))
-                i = next((c for c in remaining if c in at_peers), remaining[0])
-                remaining.remove(i)
-                data = None
+            inflight: set[int] = set()
+            lock = threading.Lock()
+            failed: list[FetchError] = []
+            state = {"same": same, "looked": looked, "last_report": last_report}
+
+            def pick() -> int | None:
+                with lock:
+                    if failed:
+                        return None
+                    if refresh is not None and time.monotonic() - state["looked"] > REFRESH:
+                        state["looked"] = time.monotonic()
+                        try:
+                            fresh = [h for h in refresh() if h.info["sha256"] == sha]
+                        except Exception:  # (the holders known so far go on)
+                            fresh = []
+                        state["same"] = fresh or state["same"]
+                    free = [c for c in remaining if c not in inflight]
+                    if not free:
+                        return None
+                    # a chunk another fetcher has comes from it (its uplink, not the source's);
+                    # else the next one in this fetcher's own order
+                    at_peers = set().union(*(h.have for h in state["same"] if h.have is not None))
+                    i = next((c for c in free if c in at_peers), free[0])
+                    remaining.remove(i)
+                    inflight.add(i)
+                    return i
+
+            def get(i: int) -> bytes | None:
                 errors = []
                 give_up = time.monotonic() + patience
                 attempt = 0
-                while data is None and (attempt == 0 or time.monotonic() < give_up):
-                    peers = [h for h in same if h.have is not None and i in h.have]
-                    full = [h for h in same if h.have is None] or [h for h in same if h.have is not None]
+                while attempt == 0 or time.monotonic() < give_up:
+                    if failed:
+                        return None
+                    same_now = state["same"]
+                    peers = [h for h in same_now if h.have is not None and i in h.have]
+                    full = [h for h in same_now if h.have is None] or [h for h in same_now if h.have is not None]
                     full = full[i % len(full):] + full[:i % len(full)]  # spread over the whole files' holders
                     order = peers + full  # a peer that has it first; the next on a failure
                     h = order[attempt % len(order)]
@@ -344,29 +364,50 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                             time.sleep(min(0.5 * attempt / len(order), 5))
                         continue
                     if hashlib.sha256(got).hexdigest() == hashes[i]:
-                        data = got
-                    else:
-                        errors.append(f"{h.name}: chunk {i} failed its SHA-256 check")
-                        logger.warning("fetching %s: chunk %d from %s failed its SHA-256 check; fetching it again",
-                                       name, i, h.name)
-                        if attempt % len(order) == 0:
-                            time.sleep(min(0.5 * attempt / len(order), 5))
-                if data is None:
+                        return got
+                    errors.append(f"{h.name}: chunk {i} failed its SHA-256 check")
+                    logger.warning("fetching %s: chunk %d from %s failed its SHA-256 check; fetching it again",
+                                   name, i, h.name)
+                    if attempt % len(order) == 0:
+                        time.sleep(min(0.5 * attempt / len(order), 5))
+                with lock:
+                    failed.append(FetchError(
+                        f"model source {source!r}: chunk {i} of {len(hashes)} could not be fetched: "
+                        + "; ".join(errors[-4:]) + f" (the chunks fetched are kept in {part}: the next load resumes)"))
+                return None
+
+            def work() -> None:
+                while True:
+                    i = pick()
+                    if i is None:
+                        return
+                    data = get(i)
+                    if data is None:
+                        return
+                    os.pwrite(fd, data, i * chunk)
+                    with lock:
+                        done.add(i)
+                        inflight.discard(i)
+                        if len(done) % 8 == 0 or (not remaining and not inflight):
+                            save()
+                        frac = len(done) / len(hashes)
+                        if frac - state["last_report"] >= 0.1 or frac == 1:
+                            state["last_report"] = frac
+                            logger.info("fetching %s: %.0f%% (%d of %d MB)", name, 100 * frac,
+                                        len(done) * chunk // 2**20, size // 2**20)
+                    if progress is not None:
+                        progress(frac)
+
+            threads = [threading.Thread(target=work, name=f"aicluster-fetch-{k}", daemon=True)
+                       for k in range(max(1, min(parallel, len(todo))))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if failed:
+                with lock:
                     save()
-                    raise FetchError(f"model source {source!r}: chunk {i} of {len(hashes)} could not be fetched: "
-                                     + "; ".join(errors[-4:]) + f" (the {len(done)} chunks fetched are kept in {part}: "
-                                     "the next load resumes)")
-                os.pwrite(fd, data, i * chunk)
-                done.add(i)
-                if len(done) % 8 == 0 or not remaining:
-                    save()
-                frac = len(done) / len(hashes)
-                if progress is not None:
-                    progress(frac)
-                if frac - last_report >= 0.1 or frac == 1:
-                    last_report = frac
-                    logger.info("fetching %s: %.0f%% (%d of %d MB)", name, 100 * frac, len(done) * chunk // 2**20,
-                                size // 2**20)
+                raise failed[0]
         finally:
             os.close(fd)
             if holdings is not None:
