@@ -8,6 +8,11 @@ file this process resolves ``source`` to, or what it lacks) and
 ``aicluster_model_holders(source)``: it asks itself and every worker at once. A worker
 that must load a model whose file it lacks asks the scheduler who has it and fetches it
 into its cache (``workloads/transfer.py``); a second load finds it there.
+
+What a member may read: any file a source string resolves to on the PC asked (a path, an
+Ollama blob, a Hugging Face cache file). That is no new access: a member of a Dask cluster
+can run any function on every PC (``client.run``), which is why the cluster's connections
+need ``security.tls`` beyond a trusted LAN (README, "Security").
 """
 from __future__ import annotations
 
