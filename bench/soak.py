@@ -156,6 +156,31 @@ MARGIN = 0.15  # logits: the near-ties greedy_texts follows when it lists texts 
 JUDGE_MARGIN = 0.5
 
 
+def _logits_reader(llm):
+    """``logits_after(ids)``: the in-process model's logits for the token after ``ids``. The
+    part in common with the last call stays cached (Llama.eval drops the cells past n_tokens
+    first); Llama.save_state would copy n_ctx x vocab scores, and without logits_all Llama
+    keeps no scores: the last row is read from the context."""
+    import numpy as np
+    from llama_cpp import llama_cpp as lib
+
+    from workloads.compat import llama_ctx
+
+    n_vocab = llm.n_vocab()
+    held: list[int] = []  # the tokens in the KV cache (of the branch evaluated last)
+
+    def logits_after(ids: list[int]) -> np.ndarray:
+        n = 0
+        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
+            n += 1
+        llm.n_tokens = n
+        llm.eval(ids[n:])
+        held[:] = ids
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llama_ctx(llm), -1), shape=(n_vocab,)).copy()
+
+    return logits_after
+
+
 def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MARGIN, cap: int = 64) -> set[str]:
     """Every text a greedy run of ``prompt`` can give when the sums round a little
     differently (another batch size or batch-mate picks another kernel or order): an
@@ -167,23 +192,10 @@ def greedy_texts(llm, prompt: str, max_tokens: int, stop=(), margin: float = MAR
     from llama_cpp import llama_cpp as lib
 
     from workloads.backends.chat import tokenize_prompt
-    from workloads.compat import llama_ctx, llama_vocab
+    from workloads.compat import llama_vocab
 
     texts: set[str] = set()
-    n_vocab = llm.n_vocab()
-    held: list[int] = []  # the tokens in the KV cache (of the branch evaluated last)
-
-    def logits_after(ids: list[int]) -> np.ndarray:
-        # the common part stays cached (Llama.eval drops the cells past n_tokens first);
-        # Llama.save_state would copy n_ctx x vocab scores, and without logits_all Llama
-        # keeps no scores: the last row is read from the context
-        n = 0
-        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
-            n += 1
-        llm.n_tokens = n
-        llm.eval(ids[n:])
-        held[:] = ids
-        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llama_ctx(llm), -1), shape=(n_vocab,)).copy()
+    logits_after = _logits_reader(llm)
 
     prompt_ids = tokenize_prompt(llm, prompt)
     # fewest and smallest near-tie flips first (a heap on the logits given up, then the
@@ -224,21 +236,11 @@ def near_greedy(llm, prompt: str, text: str, max_tokens: int, stop=(), margin: f
     from llama_cpp import llama_cpp as lib
 
     from workloads.backends.chat import tokenize_prompt
-    from workloads.compat import llama_ctx, llama_vocab
+    from workloads.compat import llama_vocab
 
     target = text.encode("utf-8")
     longest_stop = max((len(x.encode("utf-8")) for x in stop), default=0)
-    n_vocab = llm.n_vocab()
-    held: list[int] = []
-
-    def logits_after(ids: list[int]) -> np.ndarray:
-        n = 0
-        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
-            n += 1
-        llm.n_tokens = n
-        llm.eval(ids[n:])
-        held[:] = ids
-        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llama_ctx(llm), -1), shape=(n_vocab,)).copy()
+    logits_after = _logits_reader(llm)
 
     prompt_ids = tokenize_prompt(llm, prompt)
     todo = [(prompt_ids, b"")]  # depth first, the best token on top
