@@ -118,3 +118,12 @@ def test_unknown_model_lists_known_models():
     with pytest.raises(ConfigError) as e:
         cfg.model("llama-70b")
     assert "llama-70b" in str(e.value) and "minilm" in str(e.value) and "gemma-270m" in str(e.value)
+
+
+def test_the_model_cache_size_is_a_size():
+    data = base_config()
+    data["worker"]["model_cache_size"] = "40GB"
+    assert load_config(data).worker.model_cache_size == 40 * 10**9
+    data["worker"]["model_cache_size"] = "lots"
+    with pytest.raises(ConfigError, match=r"worker\.model_cache_size.*a size like"):
+        load_config(data)
