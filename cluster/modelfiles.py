@@ -9,6 +9,12 @@ file this process resolves ``source`` to, or what it lacks) and
 that must load a model whose file it lacks asks the scheduler who has it and fetches it
 into its cache (``workloads/transfer.py``); a second load finds it there.
 
+A client holds no server, so nobody can ask it for a file: when a model's file is on the
+client's PC only, the client sends it to the scheduler's PC first (``offer_from_client``,
+``aicluster_model_upload_*``; into the scheduler's model cache), which then offers it to
+the workers like its own. The scheduler also keeps the workers' fetch progress (their
+``aicluster-load`` events) for the dashboard page and ``/aicluster/transfers.json``.
+
 What a member may read: any file a source string resolves to on the PC asked (a path, an
 Ollama blob, a Hugging Face cache file). That is no new access: a member of a Dask cluster
 can run any function on every PC (``client.run``), which is why the cluster's connections
@@ -18,16 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from workloads.backends.sources import local_path, why_missing
 from workloads.host import PLUGIN_NAME
-from workloads.transfer import FetchError, Holder, Holdings, ModelCache, fetch, fetchable
+from workloads.transfer import (FetchError, Holder, Holdings, ModelCache, Receiver, default_cache_dir, digest, fetch,
+                                fetchable)
 
-__all__ = ["ModelFiles", "serve_model_files", "fetch_model", "cache_listing", "format_caches", "INFO_OP", "CHUNK_OP",
-           "HOLDERS_OP"]
+__all__ = ["ModelFiles", "serve_model_files", "fetch_model", "offer_from_client", "cache_listing", "format_caches",
+           "INFO_OP", "CHUNK_OP", "HOLDERS_OP"]
 
 logger = logging.getLogger("cluster.modelfiles")
 
@@ -60,16 +68,23 @@ def serve_model_files(server, holdings: Holdings, cache: ModelCache | None = Non
 
 
 class ModelFiles(SchedulerPlugin):
-    """The scheduler offers the model files of its PC and finds the holders of one."""
+    """The scheduler offers the model files of its PC (and those a client sent it) and finds
+    the holders of one; it keeps the workers' fetch progress (``transfers()``)."""
 
     name = "aicluster-model-files"
     idempotent = True  # (the scheduler's preload and each client register it; the first one stays)
+    #: finished or failed transfers shown (the latest) beside those in progress
+    KEEP = 20
 
     async def start(self, scheduler) -> None:
         self.holdings = Holdings()  # (made here: the plugin travels pickled from a client)
-        serve_model_files(scheduler, self.holdings)
+        self.cache = ModelCache(default_cache_dir("scheduler"))
+        self.receiver = Receiver(self.cache, self.holdings)
+        self.progress: dict[tuple[str, str], dict] = {}
+        self.scheduler = scheduler
+        serve_model_files(scheduler, self.holdings, self.cache)
 
-        async def holders(source: str, exclude: list | None = None) -> list[dict]:
+        async def holders(source: str, exclude: list | None = None, first: bool = False) -> list[dict]:
             skip = set(exclude or ())
 
             async def ask(addr: str, name: str) -> dict:
@@ -79,12 +94,58 @@ class ModelFiles(SchedulerPlugin):
                     r = {"missing": f"did not answer ({type(e).__name__}: {e})"}
                 return {"address": addr, "name": name, **r}
 
-            mine = await scheduler.handlers[INFO_OP](source=source)
+            mine = {"address": scheduler.address, "name": "the scheduler's PC",
+                    **await scheduler.handlers[INFO_OP](source=source)}
+            if first and "sha256" in mine:  # (who has it whole, not everyone who does)
+                return [mine]
             rest = await asyncio.gather(*(ask(a, str(ws.name)) for a, ws in list(scheduler.workers.items())
                                           if a not in skip))
-            return [{"address": scheduler.address, "name": "the scheduler's PC", **mine}, *rest]
+            return [mine, *rest]
 
-        scheduler.handlers[HOLDERS_OP] = holders
+        async def upload_begin(source: str, info: dict) -> list[int]:
+            return await asyncio.to_thread(self.receiver.begin, source, info)
+
+        async def upload_chunk(sha256: str, index: int, data: bytes) -> None:
+            await asyncio.to_thread(self.receiver.put, sha256, int(index), data)
+
+        async def upload_end(sha256: str) -> str:
+            return await asyncio.to_thread(self.receiver.end, sha256)
+
+        scheduler.handlers.update({HOLDERS_OP: holders, "aicluster_model_upload_begin": upload_begin,
+                                   "aicluster_model_upload_chunk": upload_chunk,
+                                   "aicluster_model_upload_end": upload_end})
+
+    def log_event(self, topic, msg) -> None:
+        if topic != "aicluster-load" or not isinstance(msg, dict) or not str(msg.get("phase", "")).startswith("fetch"):
+            return
+        worker = str(msg.get("worker", "?"))
+        key = (worker, str(msg.get("model")))
+        now = time.time()
+        row = self.progress.get(key)
+        if row is None or row["state"] != "fetching":
+            row = self.progress[key] = {"worker": worker, "model": key[1], "began": now, "state": "fetching",
+                                        "first_progress": float(msg.get("progress") or 0)}
+        row.update({k: msg[k] for k in ("file", "size", "source", "holders", "error") if k in msg})
+        row["progress"] = float(msg.get("progress") or 0)
+        row["updated"] = now
+        if msg["phase"] == "fetch-failed":
+            row["state"] = "failed"
+        elif row["progress"] >= 1:
+            row["state"] = "done"
+        ended = sorted((k for k, r in self.progress.items() if r["state"] != "fetching"),
+                       key=lambda k: self.progress[k]["updated"])
+        for k in ended[:-self.KEEP]:
+            del self.progress[k]
+
+    def transfers(self) -> list[dict]:
+        """Model files on their way to workers (and the latest done or failed): worker, model,
+        file, size, progress, MB/s since it began, from whom, state."""
+        out = []
+        for r in sorted(self.progress.values(), key=lambda r: r["began"]):
+            seconds = max(r["updated"] - r["began"], 1e-6)
+            got = (r["progress"] - r["first_progress"]) * (r.get("size") or 0)
+            out.append({**r, "seconds": seconds, "mb_per_s": got / seconds / 1e6 if got else None})
+        return out
 
 
 def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progress=None,
@@ -101,7 +162,8 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
 
     def holders_of(answers: list[dict]) -> list[Holder]:
         return [Holder(a["name"], a, reader(a["address"], a["sha256"]),
-                       set(a["partial"]) if "partial" in a else None) for a in answers if "sha256" in a]
+                       set(a["partial"]) if "partial" in a else None, set(a.get("pending", ())))
+                for a in answers if "sha256" in a]
 
     def reader(addr: str, sha: str):
         async def one(i: int) -> bytes:
@@ -129,6 +191,54 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
     return fetch(source, holders_of(have), cache, in_use=in_use, progress=progress, holdings=holdings,
                  refresh=lambda: holders_of(sync(worker.loop, ask)),
                  start=random.randrange(len(have[0]["chunks"]) or 1))
+
+
+def offer_from_client(client, source: str, progress: bool = True) -> str | None:
+    """The client's PC is a holder nobody can ask (a client holds no server): when ``source``
+    is a file here and no PC of the cluster has it whole, send it to the scheduler's PC (its
+    model cache; resumed if cut), which offers it to the workers from then on. The path it
+    has there, or None when nothing was sent."""
+    path = local_path(source) if fetchable(source) else None
+    if path is None or not Path(path).is_file():
+        return None
+    answers = client.sync(client.scheduler.aicluster_model_holders, source=source, first=True)
+    if any("sha256" in a and "partial" not in a for a in answers):
+        return None  # (a PC of the cluster has it: the workers fetch it from there)
+    info = digest(Path(path))
+    sha, chunk = info["sha256"], info["chunk"]
+    need = client.sync(client.scheduler.aicluster_model_upload_begin, source=source, info=info)
+    bar = None
+    if progress and need:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(info["chunks"]), initial=len(info["chunks"]) - len(need), unit="chunk",
+                   desc=f"sending {info['file']} to the scheduler's PC (only this PC has it)")
+    logger.info("%s is on this client's PC only: sending it (%d MB) to the scheduler's PC", source,
+                info["size"] // 2**20)
+
+    async def send() -> str:
+        ahead = asyncio.Semaphore(3)  # (chunks in flight: the link stays busy between round trips)
+
+        async def one(i: int) -> None:
+            async with ahead:
+                def read() -> bytes:
+                    with open(path, "rb") as f:
+                        f.seek(i * chunk)
+                        return f.read(chunk)
+
+                data = await asyncio.to_thread(read)
+                await client.scheduler.aicluster_model_upload_chunk(sha256=sha, index=i, data=data)
+                if bar is not None:
+                    bar.update(1)
+
+        await asyncio.gather(*(one(i) for i in need))
+        return await client.scheduler.aicluster_model_upload_end(sha256=sha)
+
+    try:
+        return client.sync(send)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cache_listing(dask_worker=None) -> dict:

@@ -244,3 +244,56 @@ def test_a_second_fetcher_takes_chunks_from_the_first(tmp_path, monkeypatch):
     assert out["a"].read_bytes() == out["b"].read_bytes() == path.read_bytes()
     assert len(served) < 2 * n and peer_reads["a"] + peer_reads["b"] == 2 * n - len(served), (len(served), peer_reads)
     assert peer_reads["a"] > 0 and peer_reads["b"] > 0
+
+
+def test_fetchers_wait_for_a_chunk_another_is_getting_rather_than_ask_the_source_again(tmp_path, monkeypatch):
+    """Three workers fetch one file at once, all beginning at chunk 0 (the worst case: each
+    would ask the source for the same chunks). Each advertises the chunks on their way to it
+    (``pending``), the others wait for those and take them from it, so the source's slow
+    uplink sends the file about once, not three times (``bench/transfer.py``'s fetch_fanout
+    measures the time this saves on the lab)."""
+    import time
+
+    import workloads.transfer as transfer
+    from workloads.transfer import Holdings
+
+    monkeypatch.setenv("AICLUSTER_DIGESTS", str(tmp_path / "digests"))
+    monkeypatch.setattr(transfer, "REFRESH", 0.02)
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(30 * CHUNK))
+    info = digest(path, CHUNK)
+    n = len(info["chunks"])
+    served: list = []
+    uplink = threading.Lock()  # one chunk at a time leaves the source PC
+
+    def slow(i: int) -> bytes:
+        with uplink:
+            time.sleep(0.05)
+            return _reader(path, served)(i)
+
+    source = Holder("sched", info, slow)
+    shops = {k: Holdings() for k in "abc"}
+
+    def peer(name: str) -> Holder:
+        part = shops[name].partial_info("m")
+
+        def read(i: int) -> bytes:
+            return shops[name].read(info["sha256"], i, CHUNK)
+
+        return Holder(name, info, read, set(part["partial"]) if part else set(),
+                      set(part["pending"]) if part else set())
+
+    out = {}
+
+    def run(me: str) -> None:
+        out[me] = fetch("m", [source], ModelCache(tmp_path / me), holdings=shops[me], start=0,
+                        refresh=lambda: [source] + [peer(o) for o in shops if o != me])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in shops]
+    for t in threads:
+        t.start()
+        time.sleep(0.03)  # (each sees the one before it at its first look)
+    for t in threads:
+        t.join(120)
+    assert all(out[k].read_bytes() == path.read_bytes() for k in shops)
+    assert len(served) < 1.5 * n, f"the source sent {len(served)} chunks of a {n}-chunk file to three fetchers"

@@ -17,8 +17,14 @@ This module is the part that knows files, not Dask:
   whole file checked against the holder's SHA-256 before it is used; the space needed is
   checked before the first byte.
 
+* ``Receiver``: the other direction, chunks pushed by a PC that cannot be asked (a client).
+
 Why by hand: no library moves a file between the processes of a Dask cluster (Dask moves
 task results, held in memory); a model file is GBs, so it goes in verified chunks, to disk.
+
+Why this module is long: the pieces share one file format (``.part`` and its record, the
+chunk hashes of ``digest``) and one cache, and a change to one is a change to the others;
+the Dask side (who asks whom) is in ``cluster/modelfiles.py``.
 """
 from __future__ import annotations
 
@@ -29,14 +35,14 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .backends.sources import SourceError
 
-__all__ = ["CHUNK", "digest", "Holdings", "ModelCache", "Holder", "fetch", "FetchError", "fetchable",
-           "default_cache_dir"]
+__all__ = ["CHUNK", "digest", "Holdings", "ModelCache", "PartFile", "Receiver", "Holder", "fetch", "FetchError",
+           "fetchable", "default_cache_dir"]
 
 logger = logging.getLogger("workloads.transfer")
 
@@ -106,14 +112,15 @@ class Holdings:
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
-        #: sha256 -> (the .part file, the set of chunks done in it (the fetch adds to it), info)
-        self.partial: dict[str, tuple[Path, set, dict]] = {}
+        #: sha256 -> (the .part file, the set of chunks done in it (the fetch adds to it), info,
+        #: the chunks on their way here now)
+        self.partial: dict[str, tuple[Path, set, dict, set]] = {}
         self.partial_sources: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def share(self, source: str, info: dict, part: Path, done: set) -> None:
+    def share(self, source: str, info: dict, part: Path, done: set, pending: set = frozenset()) -> None:
         with self.lock:
-            self.partial[info["sha256"]] = (Path(part), done, info)
+            self.partial[info["sha256"]] = (Path(part), done, info, pending)
             self.partial_sources[source] = info["sha256"]
 
     def unshare(self, source: str) -> None:
@@ -122,13 +129,15 @@ class Holdings:
             self.partial.pop(sha, None)
 
     def partial_info(self, source: str) -> dict | None:
-        """The holder info of ``source`` while it is being fetched here, with the chunks done."""
+        """The holder info of ``source`` while it is being fetched here, with the chunks done
+        (``partial``) and those on their way here (``pending``: another fetcher waits for them
+        rather than asking the source PC for them too)."""
         with self.lock:
             sha = self.partial_sources.get(source)
             if sha is None or sha not in self.partial:
                 return None
-            _, done, info = self.partial[sha]
-            return {**info, "partial": sorted(done)}
+            _, done, info, pending = self.partial[sha]
+            return {**info, "partial": sorted(done), "pending": sorted(set(pending) - set(done))}
 
     def offer(self, path: Path) -> dict:
         d = digest(path)
@@ -230,16 +239,130 @@ class ModelCache:
         return evicted
 
 
+class PartFile:
+    """A model file on its way into ``cache``: ``.part`` written at each chunk's offset, and
+    ``.part.json``, the record of the chunks on disk for sure (a resumed transfer skips them).
+    Made under the file's lock (``fetch``) or by the one receiver of a file (``Receiver``);
+    the space needed is checked (after the cache made room) before the first byte."""
+
+    def __init__(self, cache: "ModelCache", info: dict, source: str, in_use: set[Path] = frozenset()):
+        self.cache, self.info, self.source = cache, info, source
+        sha, size, chunk, name = info["sha256"], info["size"], info["chunk"], info["file"]
+        self.target = cache.path_for(sha, name)
+        self.part = self.target.with_name(name + ".part")
+        self.record = self.target.with_name(name + ".part.json")
+        self.done: set[int] = set()
+        if self.part.exists():
+            try:
+                self.done = set(json.loads(self.record.read_text())["done"])
+            except (OSError, ValueError, KeyError):
+                self.done = set()
+        have = sum(min(chunk, size - i * chunk) for i in self.done)
+        cache.make_room(size, in_use)
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache.folder).free
+        if free < size - have:
+            raise FetchError(f"model source {source!r}: {size - have} bytes are needed in {cache.folder}, only {free} "
+                             f"are free on that disk; free some space or set worker.model_cache to another disk")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, size)
+
+    def write(self, index: int, data: bytes) -> None:
+        """Chunk ``index`` (checked against its hash first: ``FetchError`` if it is not it)."""
+        if hashlib.sha256(data).hexdigest() != self.info["chunks"][index]:
+            raise FetchError(f"chunk {index} of {self.info['file']} failed its SHA-256 check")
+        os.pwrite(self.fd, data, index * self.info["chunk"])
+        self.done.add(index)
+
+    def save(self) -> None:  # what is on disk for sure: the next transfer resumes from it
+        os.fsync(self.fd)
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sha256": self.info["sha256"], "done": sorted(self.done)}))
+        os.replace(tmp, self.record)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def finish(self) -> Path:
+        """The whole file checked against the holder's SHA-256 and put in the cache: its path."""
+        self.close()
+        whole = hashlib.sha256()
+        with open(self.part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                whole.update(block)
+        if whole.hexdigest() != self.info["sha256"]:
+            self.part.unlink(missing_ok=True)
+            self.record.unlink(missing_ok=True)
+            raise FetchError(f"model source {self.source!r}: the fetched file's SHA-256 is not the holder's; it was "
+                             f"removed (load again to fetch it anew)")
+        os.replace(self.part, self.target)
+        self.record.unlink(missing_ok=True)
+        self.cache.touch(self.info["sha256"], self.source, self.info["file"], self.info["size"])
+        return self.target
+
+
+class Receiver:
+    """Files pushed into ``cache`` chunk by chunk by a PC that cannot be asked for them (a
+    client holds no server: ``cluster/modelfiles.py``'s ``offer_from_client`` sends its
+    file to the scheduler's PC, which then offers it to the workers). ``begin`` says which
+    chunks are still needed (an interrupted upload resumes), ``put`` checks each, ``end``
+    checks the whole file. One upload of a file at a time."""
+
+    def __init__(self, cache: "ModelCache", holdings: Holdings | None = None):
+        self.cache, self.holdings = cache, holdings
+        self.open: dict[str, PartFile] = {}
+        self.lock = threading.Lock()
+
+    def begin(self, source: str, info: dict) -> list[int]:
+        sha = info["sha256"]
+        with self.lock:
+            target = self.cache.path_for(sha, info["file"])
+            if target.is_file() and target.stat().st_size == info["size"]:
+                self.cache.touch(sha, source, info["file"], info["size"])
+                return []
+            if sha not in self.open:
+                self.open[sha] = PartFile(self.cache, info, source)
+            file = self.open[sha]
+        return [i for i in range(len(info["chunks"])) if i not in file.done]
+
+    def put(self, sha256: str, index: int, data: bytes) -> None:
+        file = self.open.get(sha256)
+        if file is None:
+            raise FetchError(f"no upload of SHA-256 {sha256[:12]} was begun here")
+        file.write(index, data)
+        if len(file.done) % 8 == 0:
+            file.save()
+
+    def end(self, sha256: str) -> str:
+        with self.lock:
+            file = self.open.pop(sha256, None)
+        if file is None:
+            raise FetchError(f"no upload of SHA-256 {sha256[:12]} was begun here")
+        missing = len(file.info["chunks"]) - len(file.done)
+        if missing:
+            file.save()
+            file.close()
+            raise FetchError(f"the upload of {file.info['file']} lacks {missing} chunks (send them, then end again)")
+        target = file.finish()
+        if self.holdings is not None:
+            self.holdings.offer(target)
+        return str(target)
+
+
 # -- fetching ----------------------------------------------------------------------------------------
 @dataclass
 class Holder:
     """A PC that has the file (``have`` None), or the chunks ``have`` of it (it is fetching
-    it too): ``read(index) -> bytes`` of chunk ``index``."""
+    it too, and ``pending`` are on their way to it): ``read(index) -> bytes`` of chunk ``index``."""
 
     name: str
     info: dict
     read: Callable[[int], bytes]
     have: set | None = None
+    pending: set = field(default_factory=set)
 
 
 #: seconds a chunk is tried for (every holder in turn, waiting longer each round) before the
@@ -250,6 +373,12 @@ PATIENCE = 120.0
 #: seconds between two looks at who has which chunks (other fetchers progress meanwhile)
 REFRESH = 1.0
 
+#: seconds a fetcher waits for a chunk another fetcher is getting (then takes it from the
+#: other PC's uplink) before it asks a whole file's holder for it too
+WAIT_FOR_PEER = 10.0
+
+_WAIT = -1  # (pick: every chunk left is on its way to another fetcher)
+
 
 def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Path] = frozenset(),
           progress: Callable[[float], None] | None = None, patience: float = PATIENCE,
@@ -258,7 +387,8 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
     """Get ``source``'s file from ``holders`` into ``cache``; its path there.
 
     Each chunk is asked first of a PC that is fetching the same file and has it (to spare the
-    source PC's uplink), else of the whole files' holders in turn (spread over them); again
+    source PC's uplink), else of the whole files' holders in turn (spread over them), and a
+    chunk on its way to another fetcher is waited for (``WAIT_FOR_PEER`` s at most); again
     after a failed or corrupted one, for up to ``patience`` seconds. ``refresh()`` gives the
     holders anew (every ``REFRESH`` s); with ``holdings``, the chunks fetched here are offered
     to the others as they come. ``start``: the chunk to begin with (fetchers that begin at
@@ -278,33 +408,15 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
         if target.is_file() and target.stat().st_size == size:
             cache.touch(sha, source, name, size)
             return target
-        part = target.with_name(name + ".part")
-        record = target.with_name(name + ".part.json")
-        done: set[int] = set()
-        if part.exists():
-            try:
-                done = set(json.loads(record.read_text())["done"])
-            except (OSError, ValueError, KeyError):
-                done = set()
-        have = sum(min(chunk, size - i * chunk) for i in done)
-        cache.make_room(size, in_use)
-        free = shutil.disk_usage(cache.folder).free
-        if free < size - have:
-            raise FetchError(f"model source {source!r}: {size - have} bytes are needed in {cache.folder}, only {free} "
-                             f"are free on that disk; free some space or set worker.model_cache to another disk")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        file = PartFile(cache, info, source, in_use)
+        done, part, fd = file.done, file.part, file.fd
+        save = file.save
 
-        def save() -> None:  # what is on disk for sure: the next fetch resumes from it
-            os.fsync(fd)
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"sha256": sha, "done": sorted(done)}))
-            os.replace(tmp, record)
-
+        inflight: set[int] = set()
         if holdings is not None:
-            holdings.share(source, {k: info[k] for k in ("size", "sha256", "chunk", "chunks", "file")}, part, done)
+            holdings.share(source, {k: info[k] for k in ("size", "sha256", "chunk", "chunks", "file")}, part, done,
+                           inflight)
         try:
-            os.ftruncate(fd, size)
             todo = [i for i in range(len(hashes)) if i not in done]
             k = start % len(todo) if todo else 0
             todo = todo[k:] + todo[:k]
@@ -313,10 +425,9 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                 logger.info("fetching %s: resuming, %d of %d chunks already here", name, len(done), len(hashes))
             last_report = 0.0
             remaining = list(todo)
-            inflight: set[int] = set()
             lock = threading.Lock()
             failed: list[FetchError] = []
-            state = {"same": same, "looked": looked, "last_report": last_report}
+            state = {"same": same, "looked": looked, "last_report": last_report, "waiting": None}
 
             def pick() -> int | None:
                 with lock:
@@ -333,9 +444,22 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                     if not free:
                         return None
                     # a chunk another fetcher has comes from it (its uplink, not the source's);
-                    # else the next one in this fetcher's own order
-                    at_peers = set().union(*(h.have for h in state["same"] if h.have is not None))
-                    i = next((c for c in free if c in at_peers), free[0])
+                    # else the next one in this fetcher's own order that no other fetcher is
+                    # getting; when all are on their way elsewhere, wait for them (a while)
+                    peers = [h for h in state["same"] if h.have is not None]
+                    at_peers = set().union(*(h.have for h in peers))
+                    i = next((c for c in free if c in at_peers), None)
+                    if i is None:
+                        elsewhere = set().union(*(h.pending for h in peers))
+                        i = next((c for c in free if c not in elsewhere), None)
+                    if i is None:
+                        now = time.monotonic()
+                        if state["waiting"] is None:
+                            state["waiting"] = now
+                        if now - state["waiting"] < WAIT_FOR_PEER:
+                            return _WAIT
+                        i = free[0]
+                    state["waiting"] = None
                     remaining.remove(i)
                     inflight.add(i)
                     return i
@@ -381,6 +505,9 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                     i = pick()
                     if i is None:
                         return
+                    if i == _WAIT:
+                        time.sleep(0.2)
+                        continue
                     data = get(i)
                     if data is None:
                         return
@@ -409,21 +536,10 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                     save()
                 raise failed[0]
         finally:
-            os.close(fd)
+            file.close()
             if holdings is not None:
                 holdings.unshare(source)
-        whole = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                whole.update(block)
-        if whole.hexdigest() != sha:
-            part.unlink(missing_ok=True)
-            record.unlink(missing_ok=True)
-            raise FetchError(f"model source {source!r}: the fetched file's SHA-256 is not the holder's; it was removed "
-                             f"(load again to fetch it anew)")
-        os.replace(part, target)
-        record.unlink(missing_ok=True)
-        cache.touch(sha, source, name, size)
+        target = file.finish()
         if holdings is not None:
             holdings.offer(target)
         return target
