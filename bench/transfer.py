@@ -40,7 +40,11 @@ out = {}
 
 def load(name):
     t = time.perf_counter()
-    ai.load_model(name, progress=False)
+    try:
+        ai.load_model(name, progress=False)
+    except Exception as e:  # (the bench stops with it, not with a missing time)
+        print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+        return
     out[name] = time.perf_counter() - t
 
 threads = [threading.Thread(target=load, args=(n,)) for n in names]
@@ -127,7 +131,7 @@ def main() -> int:
             def times(names: list[str]) -> dict:
                 r = lab.run("sched", ["python", str(script), addr, ",".join(names)], env["sched"], timeout=1800)
                 line = next((x for x in r.stdout.splitlines() if x.startswith("TIMES ")), None)
-                if line is None:
+                if line is None or "FAILED " in r.stdout:
                     raise SystemExit(r.stdout[-3000:] + r.stderr[-3000:])
                 return json.loads(line[6:])
 

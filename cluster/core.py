@@ -26,12 +26,14 @@ from typing import Any, Callable, Iterator
 import dask
 from distributed import Client, Future
 
-from workloads.backends import EMBED_BACKENDS, GENERATE_BACKENDS, InputError
+from workloads.backends import BUILTIN, EMBED_BACKENDS, GENERATE_BACKENDS, InputError
 from workloads.llm import generate_task
+from workloads.transfer import FetchError
 
 from . import routing, shards
 from .config import Config
 from .jobs import SchedulerLost, failure
+from .modelfiles import offer_from_client
 from .plugin import cancel_on_worker
 from .redo import Redo
 from .streams import STREAM_TOPIC, close_stream
@@ -57,6 +59,8 @@ class Core:
         self._attempt: dict[str, int] = {}
         #: tasks lost with a restarting scheduler are submitted again (cluster/redo.py)
         self.redo = Redo(client, on_reconnected=self.check_reconnected)
+        #: model sources this client has looked for in the cluster (``offer``): once a session
+        self._offered: set[str] = set()
 
     def check_reconnected(self) -> None:
         """After the client reconnected to a (restarted) scheduler: subscribe to the event
@@ -117,6 +121,20 @@ class Core:
         self.check_tier(tier)
         return self.resolve(self.config.fallback_chain(tier), what)
 
+    def offer(self, model: str, spec) -> None:
+        """A model file that is on this client's PC and on no PC of the cluster goes to the
+        scheduler's PC before the first work of it (``modelfiles.offer_from_client``), so the
+        workers can fetch it from there; once per source and session."""
+        source = spec.source
+        if spec.backend not in BUILTIN or source in self._offered:
+            return
+        try:
+            offer_from_client(self.client, source)
+        except FetchError as e:  # (the scheduler's PC refused it: no room, a chunk spoiled on the way)
+            raise InputError(f"model {model!r}: its file {source!r} is only on this PC, and sending it to the "
+                             f"scheduler's PC failed ({type(e).__name__}: {e})") from None
+        self._offered.add(source)
+
     def model_route(self, model: str, kinds: tuple[str, ...], verb: str, tier: str | None = None) -> tuple[Any, routing.Route]:
         """``(spec, Route)`` for work of ``model`` whose backend is one of ``kinds`` (``verb``
         names the work in the error for a model of another kind): its tier chain (or ``tier``
@@ -127,6 +145,7 @@ class Core:
         if spec.backend in GENERATE_BACKENDS + EMBED_BACKENDS and spec.backend not in kinds:
             raise InputError(f"model {model!r} ({spec.backend}) cannot {verb}; models that can: "
                              + ", ".join(n for n, m in self.config.models.items() if m.backend in kinds))
+        self.offer(model, spec)
         if spec.sharded and "llamacpp" in kinds:
             return shards.route_for(self, model, spec, int(spec.options.get("parallel", 8)))
         chain = self.config.fallback_chain(tier or spec.tier)

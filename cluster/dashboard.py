@@ -4,6 +4,8 @@
   one bar per worker, split by resident model, against the worker's model budget.
 * ``/aicluster/workers.json`` (Tornado): the rows of ``cluster.status.worker_rows``.
 * ``/aicluster/jobs.json`` (``?state=running``): the job board (``cluster.jobs``).
+* ``/aicluster/transfers.json``: model files on their way to workers, and the latest that
+  arrived or failed (``cluster.modelfiles.ModelFiles.transfers``); the page shows them too.
 * ``aicluster_*`` gauges on the scheduler's ``/metrics``, and ``aicluster_http_*`` for the
   HTTP gateway (``aicluster serve``), which reports each request as a scheduler event that
   the ``HTTPStats`` plugin adds up.
@@ -20,6 +22,7 @@ import weakref
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
+from .modelfiles import ModelFiles
 from .status import worker_rows
 
 __all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for", "HTTPStats"]
@@ -27,6 +30,7 @@ __all__ = ["PAGE", "ROUTE", "register_page", "install", "rows_for", "HTTPStats"]
 PAGE = "/individual-aicluster-models"
 ROUTE = "/aicluster/workers.json"
 JOBS_ROUTE = "/aicluster/jobs.json"
+TRANSFERS_ROUTE = "/aicluster/transfers.json"
 
 _schedulers: "weakref.WeakSet" = weakref.WeakSet()
 _collector = None
@@ -95,6 +99,20 @@ class WorkersJSON(web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps({"workers": rows_for(self.server)}, default=str))
+
+
+def transfer_rows(scheduler) -> list[dict]:
+    plugin = scheduler.plugins.get(ModelFiles.name)
+    return plugin.transfers() if plugin is not None and hasattr(plugin, "progress") else []
+
+
+class TransfersJSON(web.RequestHandler):
+    def initialize(self, dask_server=None, extra=None):
+        self.server = dask_server
+
+    def get(self):
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps({"transfers": transfer_rows(self.server)}, default=str))
 
 
 class JobsJSON(web.RequestHandler):
@@ -190,9 +208,30 @@ def _models_doc(scheduler, extra, doc):
                      "tps": ["-" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.1f}" for r in rows],
                      "queue": [r["queue"] for r in rows]}
 
+    moving = ColumnDataSource(dict(worker=[], model=[], file=[], size=[], done=[], speed=[], holders=[], state=[]))
+    moving_table = DataTable(source=moving, height=140, sizing_mode="stretch_width", index_position=None, columns=[
+        TableColumn(field="worker", title="model transfer: to worker"), TableColumn(field="model", title="model"),
+        TableColumn(field="file", title="file"), TableColumn(field="size", title="size"),
+        TableColumn(field="done", title="done"), TableColumn(field="speed", title="MB/s"),
+        TableColumn(field="holders", title="from"), TableColumn(field="state", title="state")])
+
+    def update_transfers():
+        from dask.utils import format_bytes
+
+        rows = transfer_rows(scheduler)
+        moving.data = {"worker": [r["worker"] for r in rows], "model": [r["model"] for r in rows],
+                       "file": [r.get("file", "") for r in rows],
+                       "size": [format_bytes(r["size"]) if r.get("size") else "" for r in rows],
+                       "done": [f"{100 * r['progress']:.0f}%" for r in rows],
+                       "speed": ["-" if r["mb_per_s"] is None else f"{r['mb_per_s']:.1f}" for r in rows],
+                       "holders": [r.get("holders", "") for r in rows],
+                       "state": [r["state"] + (f": {r['error']}" if r.get("error") else "") for r in rows]}
+
     update()
     update_bench()
     update_http()
+    update_transfers()
+    doc.add_periodic_callback(update_transfers, 1000)
     doc.add_periodic_callback(update, 1000)
     doc.add_periodic_callback(update_bench, 5000)
     doc.add_periodic_callback(update_http, 2000)
@@ -200,6 +239,7 @@ def _models_doc(scheduler, extra, doc):
     doc.add_root(fig)
     doc.add_root(table)
     doc.add_root(http_table)
+    doc.add_root(moving_table)
     doc.theme = BOKEH_THEME
 
 
@@ -288,7 +328,8 @@ def install(scheduler, tiers=None) -> None:
     app = getattr(scheduler, "http_application", None)
     if app is not None:
         app.add_handlers(r".*", [(ROUTE, WorkersJSON, {"dask_server": scheduler}),
-                                 (JOBS_ROUTE, JobsJSON, {"dask_server": scheduler})])
+                                 (JOBS_ROUTE, JobsJSON, {"dask_server": scheduler}),
+                                 (TRANSFERS_ROUTE, TransfersJSON, {"dask_server": scheduler})])
     try:
         import prometheus_client
     except ImportError:

@@ -48,10 +48,13 @@ def serve_model_files(server, holdings: Holdings, cache: ModelCache | None = Non
     """Make ``server`` (a worker or the scheduler) answer ``info`` and ``chunk`` for the model
     files it can resolve itself (or has in ``cache``)."""
 
-    async def info(source: str) -> dict:
+    async def info(source: str, quick: bool = False) -> dict:
         path = local_path(source) if fetchable(source) else None
         if path is None and cache is not None:
             path = cache.lookup(source)
+        if quick:  # (whether it is here, without hashing a file nobody may need from this PC)
+            ok = path is not None and Path(path).is_file()
+            return {"has": True, "size": Path(path).stat().st_size} if ok else {"missing": "not here whole"}
         if path is None:
             partial = holdings.partial_info(source)  # being fetched here: the chunks it has so far
             if partial is not None:
@@ -84,19 +87,20 @@ class ModelFiles(SchedulerPlugin):
         self.scheduler = scheduler
         serve_model_files(scheduler, self.holdings, self.cache)
 
-        async def holders(source: str, exclude: list | None = None, first: bool = False) -> list[dict]:
+        async def holders(source: str, exclude: list | None = None, quick: bool = False) -> list[dict]:
             skip = set(exclude or ())
 
             async def ask(addr: str, name: str) -> dict:
                 try:
-                    r = await asyncio.wait_for(scheduler.rpc(addr).aicluster_model_info(source=source), INFO_TIMEOUT)
+                    r = await asyncio.wait_for(scheduler.rpc(addr).aicluster_model_info(source=source, quick=quick),
+                                               INFO_TIMEOUT)
                 except Exception as e:  # a worker without the ModelHost, gone, or too slow
                     r = {"missing": f"did not answer ({type(e).__name__}: {e})"}
                 return {"address": addr, "name": name, **r}
 
             mine = {"address": scheduler.address, "name": "the scheduler's PC",
-                    **await scheduler.handlers[INFO_OP](source=source)}
-            if first and "sha256" in mine:  # (who has it whole, not everyone who does)
+                    **await scheduler.handlers[INFO_OP](source=source, quick=quick)}
+            if quick and mine.get("has"):  # (whether a PC has it whole, not each that does)
                 return [mine]
             rest = await asyncio.gather(*(ask(a, str(ws.name)) for a, ws in list(scheduler.workers.items())
                                           if a not in skip))
@@ -118,7 +122,8 @@ class ModelFiles(SchedulerPlugin):
     def log_event(self, topic, msg) -> None:
         if topic != "aicluster-load" or not isinstance(msg, dict) or not str(msg.get("phase", "")).startswith("fetch"):
             return
-        worker = str(msg.get("worker", "?"))
+        ws = self.scheduler.workers.get(msg.get("worker"))  # (the name the dashboard shows it by)
+        worker = str(ws.name) if ws is not None else str(msg.get("worker", "?"))
         key = (worker, str(msg.get("model")))
         now = time.time()
         row = self.progress.get(key)
@@ -154,7 +159,8 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
     thread of ``worker``, not on its event loop), taking chunks from the other workers that
     fetch it at the same time too, and offering its own to them (``holdings``; each fetcher
     begins at a random chunk, so they have more to give each other). ``FetchError`` names
-    every PC asked and what it lacked."""
+    every PC asked and what it lacked. ``progress(fraction, details)``: details names the
+    file, its size, the source and the PCs it comes from."""
     from distributed.utils import sync
 
     async def ask() -> list[dict]:
@@ -188,6 +194,15 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
 
     import random
 
+    if progress is not None:  # (what the dashboard's transfer table shows beside the fraction)
+        details = {"file": Path(source).name if "://" not in source else source.rsplit("/", 1)[-1],
+                   "size": int(have[0]["size"]), "source": source,
+                   "holders": ", ".join(a["name"] for a in have)}
+        report = progress
+
+        def progress(frac: float) -> None:
+            report(frac, details)
+
     return fetch(source, holders_of(have), cache, in_use=in_use, progress=progress, holdings=holdings,
                  refresh=lambda: holders_of(sync(worker.loop, ask)),
                  start=random.randrange(len(have[0]["chunks"]) or 1))
@@ -201,8 +216,9 @@ def offer_from_client(client, source: str, progress: bool = True) -> str | None:
     path = local_path(source) if fetchable(source) else None
     if path is None or not Path(path).is_file():
         return None
-    answers = client.sync(client.scheduler.aicluster_model_holders, source=source, first=True)
-    if any("sha256" in a and "partial" not in a for a in answers):
+    answers = client.sync(client.scheduler.aicluster_model_holders, source=source, quick=True)
+    if not isinstance(answers, (list, tuple)) or any(a.get("has") for a in answers):  # (None: a scheduler without this
+        # module's handlers, whose workers cannot fetch anyway; distributed answers an unknown op with None)
         return None  # (a PC of the cluster has it: the workers fetch it from there)
     info = digest(Path(path))
     sha, chunk = info["sha256"], info["chunk"]

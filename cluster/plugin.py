@@ -616,12 +616,16 @@ class ModelHost(WorkerPlugin):
         if path is None:
             in_use = {Path(s) for s in self.sources_in_use()}
 
-            def progress(frac: float) -> None:
-                self.worker.log_event("aicluster-load", {"model": name, "progress": frac, "phase": "fetch"})
+            def progress(frac: float, details: dict) -> None:
+                self.worker.log_event("aicluster-load", {"model": name, "progress": frac, "phase": "fetch",
+                                                         "worker": self.worker.address, **details})
 
             try:
                 path = fetch_model(self.worker, source, self.model_cache, in_use, progress, self.holdings)
-            except FetchError:
+            except FetchError as e:
+                if "no PC of the cluster has it" not in str(e):  # (a fetch that began: its row says why it ended)
+                    self.worker.log_event("aicluster-load", {"model": name, "phase": "fetch-failed", "source": source,
+                                                             "worker": self.worker.address, "error": str(e)})
                 if source.startswith("hf://"):
                     return spec  # (resolve_source downloads it, or says the cache lacks it offline)
                 raise

@@ -297,3 +297,58 @@ def test_fetchers_wait_for_a_chunk_another_is_getting_rather_than_ask_the_source
         t.join(120)
     assert all(out[k].read_bytes() == path.read_bytes() for k in shops)
     assert len(served) < 1.5 * n, f"the source sent {len(served)} chunks of a {n}-chunk file to three fetchers"
+
+
+@pytest.mark.slow
+def test_a_model_only_the_clients_pc_has_goes_to_the_scheduler_pc_and_on_to_the_workers(tmp_path, env_with_tests,
+                                                                                          monkeypatch):
+    """The file is in this (client) process's Ollama store only: the scheduler's PC and the
+    worker PC have empty stores and caches of their own. The first generation sends it to
+    the scheduler's PC (``offer_from_client``), the worker fetches it from there, and the
+    dashboard's transfer table (``/aicluster/transfers.json``) shows that fetch done."""
+    import urllib.request
+
+    from distributed import Client
+
+    from procs import proc, read_until
+    from test_sources import GEMMA, ollama_store
+    from workloads.backends.sources import resolve_source
+
+    gemma = resolve_source(GEMMA)
+    store = ollama_store(tmp_path / "ollama", gemma)
+    data = base_config()
+    data["models"]["gemma-ollama"] = {**data["models"]["gemma-270m"], "source": "ollama:gemma3:270m", "tier": "VRAM6"}
+    data["models"]["gemma-270m"]["tier"] = "VRAM6"
+    data["routing"]["fallback"]["VRAM6"] = []
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    pcs = {name: dict(env_with_tests, OLLAMA_MODELS=str(tmp_path / name / "ollama"),
+                      AICLUSTER_MODEL_CACHE=str(tmp_path / name / "cache")) for name in ("sched", "pc1")}
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))  # (this process: the client's PC)
+    sched_args = ["aicluster", "scheduler", "--port", str(port), "--dashboard-port", "0", "--config", str(cfg)]
+    prompt = "The three primary colours are"
+    with proc(sched_args, pcs["sched"]) as sched:
+        read_until(sched, "scheduler at")
+        with proc(["aicluster", "worker", addr, "--tier", "VRAM6", "--name", "pc1", "--config", str(cfg)], pcs["pc1"]):
+            from cluster import connect
+
+            with Client(addr) as c:
+                c.wait_for_workers(1, timeout=120)
+            with connect(str(cfg), address=addr) as ai:
+                want = ai.generate_now(prompt, model="gemma-270m", max_tokens=12)["text"]
+                assert ai.generate_now(prompt, model="gemma-ollama", max_tokens=12)["text"] == want
+                held = {p.name: p.stat().st_size for p in (tmp_path / "sched" / "cache").rglob("*") if p.is_file()
+                        and not p.name.endswith((".json", ".part"))}
+                assert gemma.stat().st_size in held.values(), held  # the scheduler's PC has it now
+                fetched = ai.client.run(lambda dask_worker: dask_worker.plugins["aicluster-modelhost"]
+                                        .model_cache.entries())
+                (entries,) = fetched.values()
+                assert [e["sources"] for e in entries] == [["ollama:gemma3:270m"]]
+                url = ai.client.dashboard_link.rsplit("/", 1)[0] + "/aicluster/transfers.json"
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    rows = json.loads(r.read())["transfers"]
+                done = [r for r in rows if r["worker"] == "pc1" and r["model"] == "gemma-ollama"]
+                assert done and done[-1]["state"] == "done" and done[-1]["progress"] == 1.0, rows
+                assert done[-1]["holders"] == "the scheduler's PC" and done[-1]["size"] == gemma.stat().st_size
