@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +121,27 @@ def main() -> int:
             s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
                           env["sched"])
             wait_for(s, "scheduler at")
+            workers = {}
             for w, tier in tiers.items():
-                wait_for(lab.popen(w, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(w), "--name", w],
-                                   env[w]), "Registered to")
+                workers[w] = lab.popen(w, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(w), "--name", w],
+                                       env[w])
+                wait_for(workers[w], "Registered to")
+
+            def fetched() -> list[str]:
+                """The workers' own summaries of their fetches since the last look (where each
+                chunk came from)."""
+                import queue
+
+                out = []
+                for w, p in workers.items():
+                    while True:
+                        try:
+                            line = p.lines.get_nowait()
+                        except queue.Empty:
+                            break
+                        if line and "fetched " in line:
+                            out.append(f"  {w}: " + line.strip().split("fetched ", 1)[1])
+                return out
             script = folder / "client.py"
             script.write_text(CLIENT)
 
@@ -155,10 +172,12 @@ def main() -> int:
                 load = times(["gemma-w1"])["gemma-w1"]  # from the cache now
                 one.append(max(fetch_and_load - load, 1e-3))
                 clear()
+                fetched()  # (the single fetches' lines: not these)
                 before = sent("sched")
                 both = times(["gemma-w1", "gemma-w2", "gemma-w3"])
                 many.append(max(both["all"] - load, 1e-3))
                 source_share.append((sent("sched") - before) / (3 * size))
+                print("three at once:\n" + "\n".join(fetched()), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     fetch_s, fan_s = min(one), min(many)

@@ -22,6 +22,7 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("cluster").setLevel(logging.INFO)
+    logging.getLogger("workloads.transfer").setLevel(logging.INFO)  # a model file's fetch, on the worker's log
 
 
 class _Group(click.Group):

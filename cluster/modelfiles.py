@@ -205,7 +205,7 @@ def fetch_model(worker, source: str, cache: ModelCache, in_use: set[Path], progr
 
     return fetch(source, holders_of(have), cache, in_use=in_use, progress=progress, holdings=holdings,
                  refresh=lambda: holders_of(sync(worker.loop, ask)),
-                 start=random.randrange(len(have[0]["chunks"]) or 1))
+                 start=random.randrange(len(have[0]["chunks"]) or 1), me=str(worker.name))
 
 
 def offer_from_client(client, source: str, progress: bool = True) -> str | None:

@@ -352,3 +352,39 @@ def test_a_model_only_the_clients_pc_has_goes_to_the_scheduler_pc_and_on_to_the_
                 done = [r for r in rows if r["worker"] == "pc1" and r["model"] == "gemma-ollama"]
                 assert done and done[-1]["state"] == "done" and done[-1]["progress"] == 1.0, rows
                 assert done[-1]["holders"] == "the scheduler's PC" and done[-1]["size"] == gemma.stat().st_size
+
+
+def test_fetchers_that_know_of_each_other_take_distinct_shares_from_the_source():
+    """What each fetcher asks the source for is decided from the fetchers' names alone, so
+    three fetchers with the same (or the same stale) view never pick the same chunk: each its
+    own third, in order; then the far end of the previous one's third."""
+    from workloads.transfer import region_pick
+
+    n, names = 30, ["w1", "w2", "w3"]
+    fresh = list(range(n))
+    picks = {me: region_pick(fresh, n, me, [o for o in names if o != me]) for me in names}
+    assert picks == {"w1": 0, "w2": 10, "w3": 20}
+    # w2's own third is done or on its way: the last fresh chunk of w1's third (w1 works up from 0)
+    fresh = [c for c in range(n) if not 10 <= c < 20 and c not in (0, 1, 2)]
+    assert region_pick(fresh, n, "w2", ["w1", "w3"]) == 9
+    # the first fetcher wraps around to the end of the last one's third
+    assert region_pick([c for c in range(n) if c >= 10], n, "w1", ["w2", "w3"]) == 29
+
+
+def test_a_file_gone_from_the_cache_is_not_offered_but_its_new_fetch_is(tmp_path, monkeypatch):
+    """A worker offered a file, the file left its cache (evicted, or removed by hand) and the
+    worker fetches it again: other fetchers get the chunks it has so far, not an error."""
+    from workloads.transfer import FetchError, Holdings
+
+    monkeypatch.setenv("AICLUSTER_DIGESTS", str(tmp_path / "digests"))
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(3 * CHUNK))
+    shop = Holdings()
+    info = shop.offer(path)
+    path.unlink()
+    part = tmp_path / "model.bin.part"
+    part.write_bytes(path_bytes := os.urandom(CHUNK))
+    shop.share("m", info, part, {0})
+    assert shop.read(info["sha256"], 0, CHUNK) == path_bytes
+    with pytest.raises(FetchError, match="not its chunk 1"):
+        shop.read(info["sha256"], 1, CHUNK)

@@ -148,6 +148,9 @@ class Holdings:
     def read(self, sha256: str, index: int, chunk: int = CHUNK) -> bytes:
         with self.lock:
             path = self.paths.get(sha256)
+            if path is not None and not path.is_file():  # evicted from the cache, or removed by hand:
+                del self.paths[sha256]  # (a fetch of it again here offers its chunks meanwhile)
+                path = None
             part = self.partial.get(sha256)
         if path is None and part is not None and index in part[1]:
             path = part[0]
@@ -371,7 +374,7 @@ PATIENCE = 120.0
 
 
 #: seconds between two looks at who has which chunks (other fetchers progress meanwhile)
-REFRESH = 1.0
+REFRESH = 0.5
 
 #: seconds a fetcher waits for a chunk another fetcher is getting (then takes it from the
 #: other PC's uplink) before it asks a whole file's holder for it too
@@ -380,10 +383,26 @@ WAIT_FOR_PEER = 10.0
 _WAIT = -1  # (pick: every chunk left is on its way to another fetcher)
 
 
+def region_pick(fresh: list[int], n: int, me: str, others: list[str]) -> int:
+    """The chunk to ask the source for, of ``fresh`` (chunks nobody has or gets), when the
+    fetchers ``others`` fetch the same file (of ``n`` chunks) too: each fetcher owns a share,
+    the k-th of the sorted names the k-th n/m chunks, and takes its own first, in order; then
+    the last fresh one before its share, at the end of the previous fetcher's share, farthest
+    from where that one is taking its own (the two meet in the middle). Each decides from
+    the names alone, so stale news of what the others get makes no two of them pick alike."""
+    names = sorted({*others, me})
+    m, k = len(names), names.index(me)
+    lo, hi = k * n // m, (k + 1) * n // m
+    mine = [c for c in fresh if lo <= c < hi]
+    if mine:
+        return min(mine)
+    return max(fresh, key=lambda c: (c - lo) % n)
+
+
 def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Path] = frozenset(),
           progress: Callable[[float], None] | None = None, patience: float = PATIENCE,
           refresh: Callable[[], list[Holder]] | None = None, holdings: Holdings | None = None,
-          start: int = 0, parallel: int = 3) -> Path:
+          start: int = 0, parallel: int = 3, me: str = "") -> Path:
     """Get ``source``'s file from ``holders`` into ``cache``; its path there.
 
     Each chunk is asked first of a PC that is fetching the same file and has it (to spare the
@@ -393,7 +412,8 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
     holders anew (every ``REFRESH`` s); with ``holdings``, the chunks fetched here are offered
     to the others as they come. ``start``: the chunk to begin with (fetchers that begin at
     different places have more to give each other). ``parallel`` chunks are asked at once (one
-    from a peer while another comes from the source)."""
+    from a peer while another comes from the source). ``me``: this fetcher's name as the
+    others see it (with it, each takes its own share of the file from the source)."""
     complete = [h for h in holders if h.have is None]
     if not holders:
         raise FetchError(f"model source {source!r}: no PC of the cluster has it")
@@ -427,42 +447,79 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
             remaining = list(todo)
             lock = threading.Lock()
             failed: list[FetchError] = []
-            state = {"same": same, "looked": looked, "last_report": last_report, "waiting": None}
+            state = {"same": same, "looked": looked, "last_report": last_report, "waiting": None, "looking": False}
+
+            def look() -> None:
+                """Who has and gets which chunks now (one thread asks; the others go on meanwhile:
+                over a busy LAN the answer takes a second or two)."""
+                with lock:
+                    if refresh is None or state["looking"] or time.monotonic() - state["looked"] <= REFRESH:
+                        return
+                    state["looking"] = True
+                try:
+                    fresh = [h for h in refresh() if h.info["sha256"] == sha]
+                    error = None
+                except Exception as e:  # (the holders known so far go on)
+                    fresh, error = [], f"{type(e).__name__}: {e}"
+                with lock:
+                    state["same"] = fresh or state["same"]
+                    state["looked"], state["looking"] = time.monotonic(), False
+                    looks["n"] += 1
+                    looks["with_peers"] += any(h.have is not None for h in fresh)
+                    if error:
+                        looks["failed"] += 1
+                        looks["error"] = error
 
             def pick() -> int | None:
+                look()
                 with lock:
                     if failed:
                         return None
-                    if refresh is not None and time.monotonic() - state["looked"] > REFRESH:
-                        state["looked"] = time.monotonic()
-                        try:
-                            fresh = [h for h in refresh() if h.info["sha256"] == sha]
-                        except Exception:  # (the holders known so far go on)
-                            fresh = []
-                        state["same"] = fresh or state["same"]
                     free = [c for c in remaining if c not in inflight]
                     if not free:
                         return None
-                    # a chunk another fetcher has comes from it (its uplink, not the source's);
-                    # else the next one in this fetcher's own order that no other fetcher is
-                    # getting; when all are on their way elsewhere, wait for them (a while)
+                    # 1. a chunk another fetcher has comes from it (its uplink, not the source's)
                     peers = [h for h in state["same"] if h.have is not None]
                     at_peers = set().union(*(h.have for h in peers))
                     i = next((c for c in free if c in at_peers), None)
-                    if i is None:
-                        elsewhere = set().union(*(h.pending for h in peers))
-                        i = next((c for c in free if c not in elsewhere), None)
-                    if i is None:
-                        now = time.monotonic()
-                        if state["waiting"] is None:
-                            state["waiting"] = now
-                        if now - state["waiting"] < WAIT_FOR_PEER:
-                            return _WAIT
-                        i = free[0]
+                    if i is not None:
+                        state["waiting"] = None
+                        return take(i, from_source=False)
+                    # 2. from the source: while other fetchers fetch too, one chunk at a time
+                    # here (the source's uplink is shared; this fetcher's other threads take
+                    # the chunks the others bring), one nobody else has or is getting, from
+                    # this fetcher's own share of the file (``region_pick``: what the others
+                    # get is known only as of the last look, seconds old on a busy LAN)
+                    if peers and source_reads[0] >= 1:
+                        return _WAIT
+                    elsewhere = set().union(*(h.pending for h in peers))
+                    fresh = [c for c in free if c not in elsewhere]
+                    if fresh:
+                        state["waiting"] = None
+                        return take(region_pick(fresh, len(hashes), me, [h.name for h in peers]) if peers and me
+                                    else fresh[0], from_source=True)
+                    # 3. every chunk left is on its way to another fetcher: wait for it (a while)
+                    now = time.monotonic()
+                    if state["waiting"] is None:
+                        state["waiting"] = now
+                    if now - state["waiting"] < WAIT_FOR_PEER:
+                        return _WAIT
                     state["waiting"] = None
-                    remaining.remove(i)
-                    inflight.add(i)
-                    return i
+                    return take(free[0], from_source=True)
+
+            served_by: dict[str, int] = {}  # (the log's summary: where the chunks came from)
+            looks = {"n": 0, "with_peers": 0, "failed": 0, "error": "", "read_failed": 0, "read_error": ""}
+            began = time.monotonic()
+            source_reads = [0]  # chunks asked of a whole file's holder now (not of a peer)
+            src_chunks: set[int] = set()
+
+            def take(i: int, from_source: bool) -> int:
+                if from_source:
+                    source_reads[0] += 1
+                    src_chunks.add(i)
+                remaining.remove(i)
+                inflight.add(i)
+                return i
 
             def get(i: int) -> bytes | None:
                 errors = []
@@ -482,12 +539,17 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                         got = h.read(i)
                     except Exception as e:  # a holder that left, a cut link: the next one, or again later
                         errors.append(f"{h.name}: {type(e).__name__}: {e}")
+                        with lock:
+                            looks["read_failed"] += 1
+                            looks["read_error"] = errors[-1]
                         if h.have is not None:
                             h.have.discard(i)  # (a peer that lacks it after all: the others)
                         if attempt % len(order) == 0:
                             time.sleep(min(0.5 * attempt / len(order), 5))
                         continue
                     if hashlib.sha256(got).hexdigest() == hashes[i]:
+                        with lock:
+                            served_by[h.name] = served_by.get(h.name, 0) + 1
                         return got
                     errors.append(f"{h.name}: chunk {i} failed its SHA-256 check")
                     logger.warning("fetching %s: chunk %d from %s failed its SHA-256 check; fetching it again",
@@ -515,6 +577,9 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                     with lock:
                         done.add(i)
                         inflight.discard(i)
+                        if i in src_chunks:
+                            src_chunks.discard(i)
+                            source_reads[0] -= 1
                         if len(done) % 8 == 0 or (not remaining and not inflight):
                             save()
                         frac = len(done) / len(hashes)
@@ -535,6 +600,13 @@ def fetch(source: str, holders: list[Holder], cache: ModelCache, in_use: set[Pat
                 with lock:
                     save()
                 raise failed[0]
+            logger.info("fetched %s (%d MB) in %.1f s: chunks from %s; looked for other fetchers %d times, found "
+                        "some %d times%s", name, size // 2**20, time.monotonic() - began,
+                        ", ".join(f"{k} {v}" for k, v in sorted(served_by.items(), key=lambda kv: -kv[1])) or "none",
+                        looks["n"], looks["with_peers"],
+                        (f" ({looks['failed']} looks failed: {looks['error']})" if looks["failed"] else "")
+                        + (f"; {looks['read_failed']} chunk reads failed (the last: {looks['read_error']})"
+                           if looks["read_failed"] else ""))
         finally:
             file.close()
             if holdings is not None:
