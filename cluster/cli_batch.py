@@ -679,7 +679,9 @@ def shard_cmd(model, address, workers, load, prompt, max_tokens, as_json, config
             if names and names != spec.shard_workers:
                 from .config import ShardConfig
 
-                ai.config.models[model] = spec.model_copy(update={"shard": ShardConfig(workers=names)})
+                shard = (spec.shard.model_copy(update={"workers": names}) if isinstance(spec.shard, ShardConfig)
+                         else ShardConfig(workers=names))  # (its output and plan settings kept)
+                ai.config.models[model] = spec.model_copy(update={"shard": shard})
             info = ai.load_model(model)
             click.echo(f"loaded {model}: head {info.get('worker')}, {info['load_seconds']:.1f} s")
             if prompt:

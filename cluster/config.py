@@ -63,6 +63,15 @@ class TierConfig(_Strict):
 class ShardConfig(_Strict):
     #: worker names or addresses to split over, head first (empty: the planner chooses)
     workers: list[str] = Field(default_factory=list)
+    #: where the output layer (and so the logits, a vocabulary-wide row per token) is
+    #: computed: "head", on the head worker's own shard server, so that only hidden states
+    #: cross the LAN; "last", on the last worker of the split (as before; about 1 MiB per
+    #: token crosses the network for Gemma's 262k vocabulary)
+    output: Literal["head", "last"] = "head"
+    #: how the layers are divided: "speed", by each shard server's measured ms per layer and
+    #: link (measured once per model and device, cached), leaving out a PC that would only
+    #: slow the others; "memory", in proportion to free memory, best tiers first
+    plan: Literal["speed", "memory"] = "speed"
 
 
 class ModelConfig(_Strict):
@@ -82,6 +91,14 @@ class ModelConfig(_Strict):
     @property
     def shard_workers(self) -> list[str]:
         return list(self.shard.workers) if isinstance(self.shard, ShardConfig) else []
+
+    @property
+    def shard_output(self) -> str:
+        return self.shard.output if isinstance(self.shard, ShardConfig) else "head"
+
+    @property
+    def shard_plan_by(self) -> str:
+        return self.shard.plan if isinstance(self.shard, ShardConfig) else "speed"
 
     _v = field_validator("footprint", mode="before")(lambda cls, v: _size(v))
 

@@ -151,6 +151,24 @@ class _Loading:
         self.error: BaseException | None = None
 
 
+def _log_to_the_workers_log() -> None:
+    """A nanny's worker process has handlers on ``distributed``'s loggers only (Dask's logging
+    config), so this project's own lines (a model file's fetch, a load) would be lost: give
+    ``cluster`` and ``workloads`` a handler of the same format there, at INFO for the fetch."""
+    if logging.getLogger().handlers:  # (a process that set up its logging: the CLI, pytest, Jupyter)
+        return
+    fmt = logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    for name in ("cluster", "workloads"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(fmt)
+            log.addHandler(h)
+            log.propagate = False
+    logging.getLogger("cluster").setLevel(logging.INFO)
+    logging.getLogger("workloads.transfer").setLevel(logging.INFO)
+
+
 class ModelHost(WorkerPlugin):
     """Resident models, a memory budget and metrics for one worker.
 
@@ -177,6 +195,7 @@ class ModelHost(WorkerPlugin):
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, worker) -> None:
         self.worker = worker
+        _log_to_the_workers_log()
         self.config = load_config(self.config)
         # The tier label the worker carries (set by the preload or by --resources) decides
         # the device; the same derivation as the preload's, so both agree on "simulated".
@@ -301,8 +320,12 @@ class ModelHost(WorkerPlugin):
 
         from .shard_servers import ShardServer
 
+        # with the cluster's TLS, shard traffic goes through a mutual-TLS tunnel made with the
+        # worker's own certificate (Dask's listen context: a client certificate is required)
+        tls = (worker.security.get_listen_args("worker").get("ssl_context")
+               if worker.address.startswith("tls://") else None)
         server = ShardServer(get_address_host(worker.address), port, device=self.device,
-                             threads=self.config.worker.torch_threads, name=str(worker.name))
+                             threads=self.config.worker.torch_threads, name=str(worker.name), tls=tls)
         server.start()
         if not server.wait_ready(30):
             logger.warning("shard server %s did not come up: %s", server.endpoint, server.last_error or "see its log in "

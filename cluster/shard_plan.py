@@ -1,18 +1,21 @@
 """The split-model planner, pure: a GGUF model's layout and the workers' budgets in, a
 ``ShardPlan`` out (no Dask, no sockets; ``cluster/shards.py`` asks the workers and calls it).
 
-``read_layout`` parses the GGUF header itself because ``gguf.GGUFReader`` maps every
-tokenizer string into numpy first (30 s for Gemma 3's 262k-token vocabulary on this machine).
-The plan fills the best tiers first, the fewest workers that hold the model.
+``read_layout`` reads the GGUF header with ``workloads/backends/gguf_file.py`` (by hand:
+``gguf.GGUFReader`` takes 30 s over Gemma 3's 262k-token vocabulary on this machine).
+The plan fills the best tiers first, the fewest workers that hold the model; the output
+layer sits on the head's own server unless ``shard.output: last``.
 """
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import combinations
 
 from dask.utils import format_bytes
 
+from workloads.backends.gguf_file import read_header, tensor_nbytes
 from workloads.shard_protocol import ShardPart, ShardPlan
 
 __all__ = ["GGUFLayout", "read_layout", "ShardPlanError", "candidates_of", "plan", "COMPUTE_SLACK"]
@@ -44,64 +47,14 @@ class GGUFLayout:
     def total(self) -> int:
         return sum(self.layer_bytes) + self.output_bytes + self.n_layer * self.kv_bytes_per_layer
 
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _read_gguf_header(path: str) -> tuple[dict, list[tuple[str, list[int], int]]]:
-    """``(metadata, [(tensor name, dims, ggml type)])`` of a GGUF file; arrays of the
-    metadata are skipped (only their length is kept)."""
-    with open(path, "rb") as f:
-        data = f.read(64 * 2**20)  # the header of any model sits in the first few MB
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        v = struct.unpack_from(fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return v[0]
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        s = data[pos:pos + n].decode("utf-8", errors="replace")
-        pos += n
-        return s
-
-    def value(t):
-        nonlocal pos
-        if t in _GGUF_SCALARS:
-            return take(_GGUF_SCALARS[t])
-        if t == 8:
-            return string()
-        if t == 9:
-            et, n = take("<I"), take("<Q")
-            if et in _GGUF_SCALARS:
-                pos += n * struct.calcsize(_GGUF_SCALARS[et])
-            else:
-                for _ in range(n):
-                    value(et)
-            return n
-        raise ValueError(f"{path}: unknown GGUF value type {t}")
-
-    if data[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
-    pos = 4
-    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
-    if version < 2:
-        raise ValueError(f"{path}: GGUF version {version} is too old")
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        meta[key] = value(take("<I"))
-    tensors = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = [take("<Q") for _ in range(take("<I"))]
-        ggml_type = take("<I")
-        take("<Q")  # offset
-        tensors.append((name, dims, ggml_type))
-    return meta, tensors
+    @cached_property
+    def cumulative(self) -> list[int]:
+        """Bytes of layers 0..i-1 with their KV cache (index n_layer + 1: with the output layer)."""
+        out = [0]
+        for b in self.layer_bytes:
+            out.append(out[-1] + b + self.kv_bytes_per_layer)
+        out.append(out[-1] + self.output_bytes)
+        return out
 
 
 _layouts: dict = {}
@@ -110,27 +63,22 @@ _layouts: dict = {}
 def read_layout(path: str | os.PathLike, n_ctx: int) -> GGUFLayout:
     """The model's layout (cached per file and context); ``n_ctx`` is the whole KV cache in
     tokens (the batch engine's context is ``options.n_ctx`` x ``options.parallel``)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = str(path)
     key = (path, os.stat(path).st_mtime_ns, n_ctx)
     if key in _layouts:
         return _layouts[key]
-    meta, tensors = _read_gguf_header(path)
+    header = read_header(path)
+    meta = header.meta
     arch = meta.get("general.architecture", "llama")
     n_layer = int(meta[f"{arch}.block_count"])
     layer = [0] * n_layer
     other: dict[str, int] = {}
-    for name, dims, t in tensors:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
-        n = 1
-        for d in dims:
-            n *= d
-        nbytes = n // block * size
-        if name.startswith("blk."):
-            layer[int(name.split(".")[1])] += nbytes
+    for t in header.tensors:
+        nbytes = tensor_nbytes(t.dims, t.ggml_type)
+        if t.name.startswith("blk."):
+            layer[int(t.name.split(".")[1])] += nbytes
         else:
-            other[name] = other.get(name, 0) + nbytes
+            other[t.name] = other.get(t.name, 0) + nbytes
     embd = other.get("token_embd.weight", 0)
     output = other.get("output.weight", embd) + other.get("output_norm.weight", 0)
     n_head = int(meta.get(f"{arch}.attention.head_count", 1))
@@ -156,20 +104,32 @@ def candidates_of(states: dict, tiers, model: str | None = None) -> list[dict]:
         free = budget - (st["used"] or 0) + int((st.get("shards") or {}).get(model, 0))
         out.append({"address": addr, "name": st["name"], "tier": st["tier"] or "?", "rank": order.get(st["tier"], len(order)),
                     "endpoint": st["shard_server"]["endpoint"], "free": max(free, 0), "budget": budget,
+                    "threads": st["shard_server"].get("threads", 1), "tls": bool(st["shard_server"].get("tls")),
+                    "device_key": st["shard_server"].get("device_key", st["name"]),
                     "simulated": bool(st["simulated"]), "connected": bool(st["shard_server"].get("connected")),
                     "holds": model in (st.get("shards") or {})})
     out.sort(key=lambda c: (c["rank"], c["name"]))
     return out
 
 
-def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[str] | None = None) -> ShardPlan:
+def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[str] | None = None,
+         output: str = "head", by: str = "speed") -> ShardPlan:
     """Divide ``layout``'s layers over ``candidates`` (see ``candidates_of``).
 
     ``workers`` (names or addresses): use exactly these, in this order, layers in
     proportion to their free budget. Otherwise: best tiers first (then most free), the
     fewest workers whose free budgets hold the model. The head is the first worker.
-    Raises ``ShardPlanError`` naming the shortfall.
+    ``output="head"``: the head's own shard server takes the last layers and the output
+    layer (the head's part comes last in the layer order), so the logits go from it to the
+    head over the head PC's loopback and only hidden states cross the LAN; ``"last"``: the
+    head's part comes first and the output layer sits on the last worker's server.
+    ``by="speed"`` and every candidate with a measured ``speed`` (``layer_ms``, ``link_ms``,
+    ``out_ms``; see ``workloads/backends/shard_speed.py``): the head, the workers and their
+    layers that give the least time per token within every budget (``_by_speed``); else by
+    memory as above. Raises ``ShardPlanError`` naming the shortfall.
     """
+    if by not in ("speed", "memory"):
+        raise ShardPlanError(f"shard.plan must be speed or memory, not {by!r}")
     if not candidates:
         raise ShardPlanError(
             f"no worker runs a shard server, so model {model!r} cannot be split; start workers with "
@@ -188,19 +148,128 @@ def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[s
         if busy:
             raise ShardPlanError(f"model {model!r}: the shard server(s) of {', '.join(busy)} serve another split "
                                  f"model's head (one head at a time); unload that model first (ai.unload)")
-        parts = _divide(model, layout, chosen)
+        if by == "speed" and all(c.get("speed") for c in chosen):
+            best = _by_speed(layout, [chosen], output)
+            if best is not None:
+                return _finish(model, layout, best[1], best[2], best[3], output, speed=True)
+        order = _order(chosen, output)
+        parts = _divide(model, layout, order, order.index(chosen[0]))
         if parts is None:
             raise ShardPlanError(_shortfall(model, layout, chosen, "the workers named"))
-        return _finish(model, layout, chosen, parts)
+        return _finish(model, layout, chosen[0], order, parts, output)
     smallest = min(_need(layout, i, i) for i in range(layout.n_layer + 1))
     ordered = sorted((c for c in candidates if c["free"] >= smallest and not _busy(c)),
                      key=lambda c: (c["rank"], -c["free"]))
+    if by == "speed" and ordered and all(c.get("speed") for c in ordered):
+        fast = sorted(ordered, key=lambda c: c["speed"]["layer_ms"])[:MAX_SEARCH]
+        sets = [[h, *rest] for n in range(len(fast)) for rest in combinations(fast, n)
+                for h in fast if h not in rest]
+        best = _by_speed(layout, sets, output)
+        if best is not None:
+            out = _finish(model, layout, best[1], best[2], best[3], output, speed=True)
+            out.notes += _left_out(layout, [c for c in ordered if c not in best[2]], best, output)
+            return out
     for k in range(1, len(ordered) + 1):
-        parts = _divide(model, layout, ordered[:k])
+        order = _order(ordered[:k], output)
+        parts = _divide(model, layout, order, order.index(ordered[0]))
         if parts is not None:
-            return _finish(model, layout, ordered[:k], parts)
+            return _finish(model, layout, ordered[0], order, parts, output)
     raise ShardPlanError(_shortfall(model, layout, sorted(candidates, key=lambda c: (c["rank"], -c["free"])),
                                     "all shard servers together"))
+
+
+#: the speed planner tries every head and subset of at most this many fastest servers
+MAX_SEARCH = 6
+
+
+def _by_speed(layout: GGUFLayout, sets: list[list[dict]], output: str):
+    """The best of ``sets`` (each: the head first, then the others): ``(ms per token, head,
+    layer order, parts)``, or None when none of them holds the model. Within a set, the
+    layers go to the fastest servers first (each server at least one): decoding goes through
+    the parts one after the other, so time per token is the sum of each part's layers times
+    its ms per layer, plus the output layer on its holder, plus one link per part. Sets
+    within 3% of the fastest: the fewest workers wins (fewer links to fail)."""
+    found = []
+    for chosen in sets:
+        order = _order(chosen, output)
+        parts = _fill_fastest(layout, order, order.index(chosen[0]))
+        if parts is None:
+            continue
+        ms = sum(_part_ms(layout, c, a, b, c is chosen[0]) for c, (a, b, _) in zip(order, parts))
+        found.append((ms, chosen[0], order, parts))
+    if not found:
+        return None
+    fastest = min(f[0] for f in found)
+    return min((f for f in found if f[0] <= fastest * 1.03), key=lambda f: (len(f[2]), f[0]))
+
+
+def _part_ms(layout: GGUFLayout, c: dict, first: int, last: int, head: bool) -> float:
+    """Expected ms per token of layers first..last on ``c`` (index n_layer: the output layer),
+    with its link to the head (none for the head's own server: the same PC)."""
+    sp = c["speed"]
+    layers = min(last, layout.n_layer - 1) - first + 1
+    return (max(layers, 0) * sp["layer_ms"] + (sp["out_ms"] if last >= layout.n_layer else 0.0)
+            + (0.0 if head else sp["link_ms"]))
+
+
+def _fill_fastest(layout: GGUFLayout, order: list[dict], head: int) -> list[tuple[int, int, int]] | None:
+    """``[(first, last, bytes)]`` per server of ``order`` (layer order): one layer each, then
+    every other layer to the fastest server with room; None when they cannot hold it."""
+    n = layout.n_layer + 1
+    if len(order) > n:
+        return None
+    free = [max(c["free"], 0) for c in order]
+    free[head] = max(free[head] - layout.input_bytes, 0)
+    counts = [1] * len(order)
+    by_speed = sorted(range(len(order)), key=lambda i: order[i]["speed"]["layer_ms"])
+    for _ in range(n - len(order)):
+        spans = _spans(counts)
+        room = [i for i in by_speed if _need(layout, *_grow_at_end(spans, i)) <= free[i]]
+        if not room:
+            return None
+        counts[room[0]] += 1
+    # growing one span shifts the ones after it: check every span as it finally lies
+    for _ in range(n * len(order)):
+        spans = _spans(counts)
+        over = [i for i, (a, b) in enumerate(spans) if _need(layout, a, b) > free[i]]
+        if not over:
+            return [(a, b, _need(layout, a, b)) for a, b in spans]
+        i = over[0]
+        if counts[i] <= 1:
+            return None
+        room = [j for j in by_speed if j != i and _need(layout, *_grow(spans, j, i)) <= free[j]]
+        if not room:
+            return None
+        counts[i] -= 1
+        counts[room[0]] += 1
+    return None
+
+
+def _grow_at_end(spans, i: int) -> tuple[int, int]:
+    a, b = spans[i]
+    return a, b + 1
+
+
+def _left_out(layout: GGUFLayout, others: list[dict], best, output: str) -> list[str]:
+    """Why each server not in the speed plan is left out."""
+    ms, head, order, _ = best
+    notes = []
+    for c in others:
+        sp = c["speed"]
+        notes.append(f"{c['name']} left out: the others hold the model, and each layer there would take "
+                     f"{sp['layer_ms']:.2f} ms per token (against {min(o['speed']['layer_ms'] for o in order):.2f} "
+                     f"ms on {min(order, key=lambda o: o['speed']['layer_ms'])['name']}) plus "
+                     f"{sp['link_ms']:.1f} ms for its link")
+    return notes
+
+
+def _order(chosen: list[dict], output: str) -> list[dict]:
+    """The layer order of the chosen workers (head first in ``chosen``): with the output on
+    the head, the head's part comes last, so the output layer (placed after the last layer,
+    on the last device) is on its server."""
+    if output not in ("head", "last"):
+        raise ShardPlanError(f"shard.output must be head or last, not {output!r}")
+    return chosen[1:] + chosen[:1] if output == "head" else list(chosen)
 
 
 def _busy(c: dict) -> bool:
@@ -210,14 +279,13 @@ def _busy(c: dict) -> bool:
 
 def _need(layout: GGUFLayout, first: int, last: int) -> int:
     """Bytes of layers first..last (index n_layer: the output layer) with their KV cache."""
-    n = 0
-    for i in range(first, last + 1):
-        n += layout.output_bytes if i == layout.n_layer else layout.layer_bytes[i] + layout.kv_bytes_per_layer
-    return n + COMPUTE_SLACK
+    cum = layout.cumulative
+    return cum[last + 1] - cum[first] + COMPUTE_SLACK
 
 
-def _divide(model: str, layout: GGUFLayout, chosen: list[dict]) -> list[tuple[int, int, int]] | None:
-    """``[(first, last, bytes)]`` per chosen worker, or None when they cannot hold it.
+def _divide(model: str, layout: GGUFLayout, chosen: list[dict], head: int = 0) -> list[tuple[int, int, int]] | None:
+    """``[(first, last, bytes)]`` per chosen worker (in layer order; ``chosen[head]`` is the
+    head, which also holds the input layer), or None when they cannot hold it.
 
     Layers go in proportion to free budget, then move from any worker over its budget to
     the next; every chosen worker gets at least one layer.
@@ -226,7 +294,7 @@ def _divide(model: str, layout: GGUFLayout, chosen: list[dict]) -> list[tuple[in
     if len(chosen) > n:
         return None
     free = [max(c["free"], 0) for c in chosen]
-    free[0] = max(free[0] - layout.input_bytes, 0)  # the head also holds the input layer
+    free[head] = max(free[head] - layout.input_bytes, 0)  # the head also holds the input layer
     total_free = sum(free) or 1
     counts = [max(1, round(n * f / total_free)) for f in free]
     while sum(counts) > n:
@@ -276,11 +344,15 @@ def _shortfall(model: str, layout: GGUFLayout, chosen: list[dict], who: str) -> 
               "options.parallel.")
 
 
-def _finish(model: str, layout: GGUFLayout, chosen: list[dict], parts) -> ShardPlan:
-    head = chosen[0]
+def _finish(model: str, layout: GGUFLayout, head: dict, chosen: list[dict], parts, output: str,
+            speed: bool = False) -> ShardPlan:
+    timed = all(c.get("speed") for c in chosen)
     return ShardPlan(
         model=model, head=head["address"], head_name=head["name"], head_bytes=layout.input_bytes,
-        parts=[ShardPart(c["address"], c["name"], c["tier"], c["endpoint"], a, b, nb, c["free"])
+        parts=[ShardPart(c["address"], c["name"], c["tier"], c["endpoint"], a, b, nb, c["free"],
+                         round(_part_ms(layout, c, a, b, c is head), 2) if timed else None,
+                         c["speed"]["layer_ms"] if timed else None)
                for c, (a, b, nb) in zip(chosen, parts)],
         n_layer=layout.n_layer, n_ctx=layout.n_ctx, total=_need(layout, 0, layout.n_layer),
-        simulated=any(c["simulated"] for c in chosen))
+        simulated=any(c["simulated"] for c in chosen), output=output, by="speed" if speed else "memory",
+        tls=any(c.get("tls") for c in chosen))

@@ -33,9 +33,43 @@ def host_state(dask_worker=None) -> dict | None:
     if host is None or getattr(host, "shard_server", None) is None:
         return None
     a = host.assignment
+    ss = host.shard_server
+    # what the speed measured for this server depends on: measured again when it changes
+    device_key = "|".join([socket.gethostname(), ss.device, str(ss.threads), a.tier if a else "?",
+                           a.device_name if a else "?", _cpu_model(), _cpu_quota()])
     return {"name": str(dask_worker.name), "tier": a.tier if a else None, "simulated": a.simulated if a else False,
             "budget": host.budget, "used": host.used, "shards": host.holds(),
-            "shard_server": host.shard_server.info()}
+            "shard_server": {**ss.info(), "threads": ss.threads, "device_key": device_key}}
+
+
+def _cpu_quota() -> str:
+    """This process's cgroup CPU limit: v2 ``cpu.max`` ("25000 100000"; "max 100000": none),
+    or v1's CFS quota and period ("25000 100000"; "-1 100000": none)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return ""
+    for _, controllers, rel in lines:
+        try:
+            if controllers == "":
+                with open(f"/sys/fs/cgroup{rel}/cpu.max") as f:
+                    return f.read().strip()
+            if "cpu" in controllers.split(","):
+                base = f"/sys/fs/cgroup/{controllers}{rel}"
+                with open(f"{base}/cpu.cfs_quota_us") as q, open(f"{base}/cpu.cfs_period_us") as p:
+                    return f"{q.read().strip()} {p.read().strip()}"
+        except OSError:
+            continue
+    return ""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def check_bind_host(host: str) -> None:
@@ -64,9 +98,14 @@ class ShardServer:
     received, keyed by hash, so a head that loads the model again sends hashes, not bytes."""
 
     def __init__(self, host: str, port: int, device: str = "cpu", threads: int = 1, cache_dir: str | None = None,
-                 name: str = "worker"):
+                 name: str = "worker", tls=None):
         check_bind_host(host)
         self.host, self.device, self.threads, self.name = host, device, threads, name
+        #: with the cluster's TLS (an ``ssl.SSLContext`` that requires a client certificate):
+        #: the ggml server listens on 127.0.0.1 only, a TLS tunnel on host:port in front of it
+        self.tls = tls
+        self._tunnel = None
+        self._inner_port = _free_port("127.0.0.1") if tls is not None else None
         # a fixed port keeps its weight cache across restarts (~/.cache/aicluster/shards);
         # a server on a free port (the embedded cluster) caches in a folder removed at stop
         self._temp = not port and cache_dir is None
@@ -86,10 +125,21 @@ class ShardServer:
 
     @property
     def endpoint(self) -> str:
+        """Where heads reach it (with TLS: the tunnel's TLS listener)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def _listen(self) -> tuple[str, int]:
+        """Where the ggml server itself listens."""
+        return ("127.0.0.1", self._inner_port) if self.tls is not None else (self.host, self.port)
 
     def start(self) -> "ShardServer":
         os.makedirs(self.cache_dir, exist_ok=True)
+        if self.tls is not None:
+            from workloads.tls_tunnel import Tunnel
+
+            self._tunnel = Tunnel(name=f"aicluster-shard-tls-{self.port}")
+            self._tunnel.serve(self.host, self.port, self._listen, self.tls)
         self._spawn()
         self._thread = threading.Thread(target=self._watch, name=f"aicluster-shard-{self.port}", daemon=True)
         self._thread.start()
@@ -101,7 +151,7 @@ class ShardServer:
         env = dict(os.environ)
         if not self.device.startswith("cuda"):
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU shard server must not grab a GPU
-        cmd = [sys.executable, "-m", rpc_server.__name__, "--endpoint", self.endpoint,
+        cmd = [sys.executable, "-m", rpc_server.__name__, "--endpoint", "%s:%d" % self._listen,
                "--device", self.device, "--threads", str(self.threads), "--cache", self.cache_dir,
                "--parent", str(os.getpid())]
         log = open(os.path.join(self.cache_dir, "server.log"), "wb")  # this run's output only
@@ -145,7 +195,7 @@ class ShardServer:
         """True once the port accepts connections (the server then answers HELLO)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.alive and _port_open(self.host, self.port):
+            if self.alive and _port_open(*self._listen):
                 return True
             time.sleep(0.1)
         return False
@@ -164,7 +214,7 @@ class ShardServer:
             conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
         except Exception:
             return False
-        return any(c.status == "ESTABLISHED" and c.laddr and c.laddr.port == self.port for c in conns)
+        return any(c.status == "ESTABLISHED" and c.laddr and c.laddr.port == self._listen[1] for c in conns)
 
     def rss(self) -> int:
         try:
@@ -201,7 +251,7 @@ class ShardServer:
                 "cpu": cpu, "state": state,
                 "pid": self.proc.pid if self.proc else None,
                 "started": self.started, "restarts": self.restarts, "connected": self.connected(), "rss": self.rss(),
-                "cached": self.cached_bytes(), "last_error": self.last_error}
+                "cached": self.cached_bytes(), "last_error": self.last_error, "tls": self.tls is not None}
 
     def stop(self) -> None:
         self._stop.set()
@@ -215,6 +265,9 @@ class ShardServer:
                 proc.kill()
                 proc.wait(5)
 
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
         if self._temp:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
 

@@ -89,7 +89,62 @@ def plan_for(core, model: str, workers: list[str] | None = None) -> ShardPlan:
             + ("" if ss.get("restarting") else ", and its worker gave up restarting it: restart that worker")
             for name, ss in down))
     layout = layout_for(core, spec, candidates)
-    return plan(model, layout, candidates, wanted or None)
+    notes = []
+    if spec.shard_plan_by == "speed" and candidates:
+        try:
+            speeds = measure_speeds(core, spec, layout, candidates, wanted)
+        except Exception as e:  # (a plan by memory still works; the plan says why)
+            logger.warning("model %s: shard speeds not measured: %s", model, e)
+            notes.append(f"layers divided by memory: the shard servers' speeds could not be measured ({e})")
+        else:
+            for c in candidates:
+                if c["name"] in speeds:
+                    c["speed"] = speeds[c["name"]]
+    out = plan(model, layout, candidates, wanted or None, spec.shard_output, spec.shard_plan_by)
+    out.notes = notes + out.notes
+    return out
+
+
+def _measure_on_worker(source: str, layout: dict, servers: dict, threads: int, keys: dict, skip: list,
+                       tls: bool = False, dask_worker=None) -> dict:
+    from workloads.backends.shard_speed import measure
+    from workloads.tls_tunnel import reach, worker_client_context
+
+    tunnel, via = reach(list(servers.values()), worker_client_context(dask_worker) if tls else None)
+    try:
+        return measure(str(resolve_source(source)), layout, {n: via[e] for n, e in servers.items()}, threads=threads,
+                       keys=keys, skip=set(skip))
+    finally:
+        if tunnel is not None:
+            tunnel.close()
+
+
+def measure_speeds(core, spec, layout: GGUFLayout, candidates: list[dict], wanted: list[str]) -> dict:
+    """``{name: {"layer_ms", "link_ms", "out_ms"}}`` of the candidates' shard servers, timed
+    from the first candidate's PC (``workloads/backends/shard_speed.py``; cached there per
+    model file and server device). A server a head is connected to now is not timed (it
+    serves one head at a time): its cached figure, if any, is used."""
+    use = [c for c in candidates if not wanted or c["name"] in wanted or c["address"] in wanted]
+    if not use:
+        return {}
+    prober = use[0]["address"]
+    servers = {c["name"]: c["endpoint"] for c in use}
+    keys = {c["name"]: c["device_key"] for c in use}
+    skip = [c["name"] for c in use if c["connected"]]
+    threads = max(int(c.get("threads") or 1) for c in use)
+    lay = {"n_layer": layout.n_layer, "layer_bytes": layout.layer_bytes}
+    tls = any(c.get("tls") for c in use)
+    got = core.client.run(_measure_on_worker, spec.source, lay, servers, threads, keys, skip, tls,
+                          workers=[prober])[prober]
+    here = got.pop("here", None)
+    out = {}
+    for name, m in got.items():
+        # the output layer (and the input embedding) on that server: as long as here, scaled
+        # by how much faster or slower its layers run than here
+        scale = m["layer_ms"] / here["layer_ms"] if here and here["layer_ms"] > 0 else 1.0
+        out[name] = {"layer_ms": m["layer_ms"], "link_ms": m["link_ms"],
+                     "out_ms": (here["base_ms"] if here else m["base_ms"]) * scale}
+    return out
 
 
 def current_plan(workers: dict, model: str) -> ShardPlan | None:
@@ -171,8 +226,8 @@ def route_for(core, model: str, spec, parallel: int):
             cached, when = cache.plans[model]
             if time.monotonic() - when < cache.FRESH and all(part.worker in workers for part in cached.parts):
                 p = cached
-        if p is None or p.head not in workers or (named and [x.name for x in p.parts] != named
-                                                  and [x.worker for x in p.parts] != named):
+        if p is None or p.head not in workers or p.output != spec.shard_output or (
+                named and named not in ([x.name for x in p.named_order], [x.worker for x in p.named_order])):
             p = plan_for(core, model)  # the head holds the parts' bytes on their workers when it loads
             cache.plans[model] = (p, time.monotonic())
         elif state == "healthy":

@@ -58,6 +58,7 @@ class Lab:
         self.rate = rate
         self.hub = f"{PREFIX}{self.id}-hub"
         self.procs: list[subprocess.Popen] = []
+        self.cgroups: dict[str, Path] = {}
 
     # -- naming ------------------------------------------------------------------------------
     def ns(self, pc: str) -> str:
@@ -88,7 +89,7 @@ class Lab:
                 _ip("-n", ns, "link", "set", pc_end, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
                 subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", pc_end, "root", "tbf",
-                                "rate", self.rate, "burst", "256kb", "latency", "50ms"], check=True,
+                                "rate", self.rate, "burst", _burst(self.rate), "latency", "50ms"], check=True,
                                capture_output=True)
         except BaseException:
             self.down()
@@ -108,6 +109,13 @@ class Lab:
         for pc in self.names:
             _ip("netns", "del", self.ns(pc), check=False)  # its veth pair goes with it
         _ip("netns", "del", self.hub, check=False)
+        for group in self.cgroups.values():
+            for _ in range(20):  # (empty once its processes are gone)
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.25)
 
     def __enter__(self) -> "Lab":
         return self.up()
@@ -122,7 +130,7 @@ class Lab:
         import queue
         import threading
 
-        cmd = ["ip", "netns", "exec", self.ns(pc), str(BIN / args[0]), *args[1:]]
+        cmd = self._in_cgroup(pc, ["ip", "netns", "exec", self.ns(pc), str(BIN / args[0]), *args[1:]])
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
         p.lines = queue.Queue()
 
@@ -139,12 +147,72 @@ class Lab:
         cmd = ["ip", "netns", "exec", self.ns(pc), str(BIN / args[0]), *args[1:]]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
+    # -- CPU: a slower PC -------------------------------------------------------------------
+    def limit_cpu(self, pc: str, fraction: float) -> None:
+        """Give ``pc`` ``fraction`` of one CPU (cgroup v2 ``cpu.max``, or v1's CFS quota where
+        the cpu controller is on the v1 hierarchy): its processes started from now on run in
+        that cgroup, and so do the children they start (a worker's shard server), as do
+        those running in its namespace now; a PC already limited gets the new limit at once."""
+        period = 100_000
+        quota = max(int(period * fraction), 1000)
+        group = self.cgroups.get(pc)
+        if group is None:
+            group = _cgroup_root() / f"{PREFIX}{self.id}-{pc}"
+            group.mkdir(exist_ok=True)
+            self.cgroups[pc] = group
+        if (group / "cpu.max").exists():
+            (group / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        # and what runs there already (every process in its network namespace)
+        pids = subprocess.run(["ip", "netns", "pids", self.ns(pc)], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                (group / "cgroup.procs").write_text(pid)
+            except OSError:  # (ended meanwhile)
+                pass
+
+    def set_rate(self, rate: str) -> None:
+        """Every PC's link at ``rate`` from now on (a tc rate, e.g. "1gbit")."""
+        for pc in self.names:
+            subprocess.run(["ip", "netns", "exec", self.ns(pc), "tc", "qdisc", "replace", "dev", self._veth(pc)[1],
+                            "root", "tbf", "rate", rate, "burst", _burst(rate), "latency", "50ms"], check=True,
+                           capture_output=True)
+        self.rate = rate
+
+    def _in_cgroup(self, pc: str, cmd: list[str]) -> list[str]:
+        group = self.cgroups.get(pc)
+        if group is None:
+            return cmd
+        return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$@"', "sh", *cmd]
+
     def cut(self, pc: str) -> None:
         """Unplug ``pc``'s cable: its link goes down (packets are dropped, nothing is reset)."""
         _ip("-n", self.hub, "link", "set", self._veth(pc)[0], "down")
 
     def restore(self, pc: str) -> None:
         _ip("-n", self.hub, "link", "set", self._veth(pc)[0], "up")
+
+
+def _burst(rate: str) -> str:
+    """tbf's bucket: at least a timer tick's worth of the rate (1 Gbit/s over a 250 Hz tick is
+    500 KB; a smaller bucket would hold the link below its rate)."""
+    return "1mb" if rate.endswith("gbit") else "256kb"
+
+
+def _cgroup_root() -> Path:
+    """Where a CPU-limited cgroup can be made: the v2 hierarchy when it has the cpu
+    controller, else v1's cpu hierarchy."""
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").exists():
+        if "cpu" not in (v2 / "cgroup.subtree_control").read_text().split():
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+        return v2
+    for v1 in (v2 / "cpu", v2 / "cpu,cpuacct"):
+        if (v1 / "cpu.cfs_quota_us").exists():
+            return v1
+    raise RuntimeError("no cgroup cpu controller here (neither v2 cpu.max nor v1 cpu.cfs_quota_us)")
 
 
 def wait_for(p: subprocess.Popen, needle: str, timeout: float = 120, seen: list | None = None) -> str:

@@ -250,3 +250,54 @@ def test_aicluster_scheduler_and_worker_over_tls(tls_cluster):
             assert [r["name"] for r in json.loads(st.stdout)["workers"]] == ["pc2"]
             said = out + "".join(list(sched.lines.queue)) + "".join(list(w.lines.queue))
             assert WARNING not in said and HTTP_WARNING not in said
+
+
+def test_shard_servers_behind_the_clusters_tls_refuse_strangers(certs):
+    """With security.tls a shard server listens on 127.0.0.1 only, behind a mutual-TLS
+    tunnel with the cluster's certificates: a head with a certificate of the cluster's CA
+    gets through (ggml RPC HELLO answered), plain TCP and a certificate of another CA do not."""
+    import ssl
+
+    import psutil
+    from distributed.security import Security
+
+    from cluster.shard_servers import ShardServer
+    from workloads.shard_protocol import RPC_PROTO, ShardServerError, probe
+    from workloads.tls_tunnel import reach
+
+    lab, host = certs / "lab", socket.gethostname()
+
+    def ctx(folder, name, listen):
+        sec = Security(tls_ca_file=str(folder / "ca.pem"), tls_worker_cert=str(folder / f"{name}.pem"),
+                       tls_worker_key=str(folder / f"{name}.key"), require_encryption=True)
+        return (sec.get_listen_args if listen else sec.get_connection_args)("worker")["ssl_context"]
+
+    srv = ShardServer("127.0.0.1", 0, name="pc1", tls=ctx(lab, host, True)).start()
+    try:
+        assert srv.wait_ready(30), srv.last_error
+        assert srv.info()["tls"] is True
+        listens = {c.laddr for c in psutil.Process(srv.proc.pid).net_connections("tcp") if c.status == "LISTEN"}
+        assert listens and all(a.ip == "127.0.0.1" for a in listens) and srv.port not in {a.port for a in listens}
+        tunnel, via = reach([srv.endpoint], ctx(lab, "pc2", False))
+        try:
+            assert probe(via[srv.endpoint])[:2] == RPC_PROTO
+        finally:
+            tunnel.close()
+        with pytest.raises(ShardServerError):  # plain ggml RPC on the TLS port
+            probe(srv.endpoint, timeout=3)
+        tunnel, via = reach([srv.endpoint], ctx(certs / "other", "stranger", False))
+        try:
+            with pytest.raises(ShardServerError):  # a certificate the cluster's CA did not sign
+                probe(via[srv.endpoint], timeout=3)
+        finally:
+            tunnel.close()
+        without = ssl.create_default_context(cafile=str(lab / "ca.pem"))
+        without.check_hostname = False
+        tunnel, via = reach([srv.endpoint], without)
+        try:
+            with pytest.raises(ShardServerError):  # no client certificate at all
+                probe(via[srv.endpoint], timeout=3)
+        finally:
+            tunnel.close()
+    finally:
+        srv.stop()

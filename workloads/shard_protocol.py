@@ -40,6 +40,11 @@ class ShardPart:
     last: int  # inclusive; the output layer is index n_layer
     nbytes: int
     free: int
+    #: expected ms per generated token on this part (its layers, the output layer if it has
+    #: it, its link), from measured speeds; None when the plan was made by memory alone
+    ms: float | None = None
+    #: its server's measured ms per layer per token (None: not measured)
+    layer_ms: float | None = None
 
     @property
     def layers(self) -> int:
@@ -61,12 +66,37 @@ class ShardPlan:
     total: int
     simulated: bool = False
     notes: list[str] = field(default_factory=list)
+    #: where the output layer is: "head" (the head's own server, parts[-1]) or "last"
+    output: str = "last"
+    #: how the layers were divided: "speed" (measured speeds and links) or "memory"
+    by: str = "memory"
+    #: the shard servers are reached through mutual-TLS tunnels (``security.tls``)
+    tls: bool = False
+
+    @property
+    def expected_ms(self) -> float | None:
+        """Expected ms per generated token (one sequence), from the measured speeds."""
+        if any(p.ms is None for p in self.parts):
+            return None
+        return sum(p.ms for p in self.parts)
+
+    @property
+    def expected_tokens_per_s(self) -> float | None:
+        ms = self.expected_ms
+        return 1000.0 / ms if ms else None
 
     @property
     def tensor_split(self) -> list[float]:
         """llama.cpp's ``tensor_split`` that puts exactly these layers on these devices
         (the output layer counts as one more layer of the last part)."""
         return [float(p.layers) for p in self.parts]
+
+    @property
+    def named_order(self) -> list[ShardPart]:
+        """The parts as ``shard.workers`` names them: the head's first, then the others in
+        layer order (with the output on the head, the head's part is last in layer order)."""
+        return ([p for p in self.parts if p.worker == self.head]
+                + [p for p in self.parts if p.worker != self.head])
 
     @property
     def endpoints(self) -> list[str]:
@@ -92,10 +122,11 @@ class ShardPlan:
             if p.last >= self.n_layer:
                 span += " + output"
             head = "head" if p.worker == self.head else ""
-            rows.append([p.name, p.tier, head, span, format_bytes(p.nbytes), format_bytes(p.free), p.endpoint])
+            rows.append([p.name, p.tier, head, span, format_bytes(p.nbytes), format_bytes(p.free),
+                         "-" if p.ms is None else f"{p.ms:.1f}", p.endpoint])
         return rows
 
-    _HEAD = ["worker", "tier", "role", "layers", "bytes", "free before", "shard server"]
+    _HEAD = ["worker", "tier", "role", "layers", "bytes", "free before", "ms/token", "shard server"]
 
     def __repr__(self) -> str:
         return str(self)
@@ -106,6 +137,14 @@ class ShardPlan:
         lines += text_table(self._HEAD, self._rows())
         lines.append(f"head: {self.head_name} (runs the model in a child process; holds the input layer, "
                      f"{format_bytes(self.head_bytes)})")
+        if len(self.parts) > 1:
+            lines.append("output layer on the head's own shard server: per token only hidden states cross the "
+                         "network" if self.output == "head" else
+                         f"output layer on {self.parts[-1].name} (shard.output: last): the logits, a row as wide "
+                         f"as the vocabulary, cross the network every token")
+        if self.expected_ms:
+            lines.append(f"expected: {self.expected_tokens_per_s:.1f} tokens/s for one sequence "
+                         f"({self.expected_ms:.1f} ms per token; layers divided by measured speed and links)")
         if self.simulated:
             lines.append("simulated: some of these workers have a forced tier on a machine without such a GPU; "
                          "their shards sit in RAM.")

@@ -38,18 +38,25 @@ class ShardedModel(ChildModel):
     STALL = 10.0
 
     def __init__(self, spec, plan: dict, name: str, threads: int, on_progress: Callable[[float], None] | None = None,
-                 client=None):
+                 client=None, tls_context=None):
         from ..shard_protocol import ShardPlan, ShardServerError, probe
+        from ..tls_tunnel import reach
 
         from .sources import resolve_source
 
         self.plan = ShardPlan.from_dict(plan)
+        if self.plan.tls and tls_context is None:
+            raise ShardLost(f"model {name!r}: its shard servers take TLS only, and this worker has no TLS "
+                            f"certificate (security.tls)")
+        # with TLS, llama.cpp talks to a local end of a mutual-TLS tunnel to each server
+        self._tunnel, self._via = reach(self.plan.endpoints, tls_context if self.plan.tls else None)
         path = Path(resolve_source(spec.source))
         opts = {k: v for k, v in spec.options.items() if k != "shard_plan"}
         for part in self.plan.parts:  # a server that is down or of another version would abort the child
             try:
-                probe(part.endpoint)
+                probe(self._via[part.endpoint])
             except ShardServerError as e:
+                self._close_tunnel()
                 raise ShardLost(f"model {name!r} cannot be loaded: {e} (worker {part.name})") from None
         # which server process each part is on: when the head dies, the ones that changed were lost
         self._client = client
@@ -61,8 +68,8 @@ class ShardedModel(ChildModel):
             from ..shard_protocol import hold
 
             hold(client, self.plan)
-        cfg = {"options": opts, "device": "cpu", "threads": threads, "endpoints": self.plan.endpoints,
-               "tensor_split": self.plan.tensor_split}
+        cfg = {"options": opts, "device": "cpu", "threads": threads,
+               "endpoints": [self._via[e] for e in self.plan.endpoints], "tensor_split": self.plan.tensor_split}
         # only the shard servers hold layers (this worker's own GPU through its own server)
         env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
         try:
@@ -74,8 +81,20 @@ class ShardedModel(ChildModel):
                 from ..shard_protocol import release
 
                 release(client, self.plan)
+            self._close_tunnel()
             raise
         self.nbytes = self.plan.head_bytes
+
+    def _close_tunnel(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._close_tunnel()
 
     @property
     def shard_info(self) -> dict:
@@ -130,7 +149,7 @@ class ShardedModel(ChildModel):
             lost = []
             for part in self.plan.parts:
                 try:
-                    probe(part.endpoint, timeout=2.0)
+                    probe(self._via.get(part.endpoint, part.endpoint), timeout=2.0)
                 except ShardServerError:
                     lost.append(f"{part.name} ({part.endpoint})")
         tail = next((t for t in reversed(self._stderr) if "error" in t.lower() or "abort" in t.lower()), "")
@@ -213,4 +232,7 @@ def load_sharded(spec, device: str = "cpu", threads: int = 1, name: str = "model
             last[0] = p
             worker.log_event("aicluster-load", {"model": name, "progress": p})
 
-    return ShardedModel(spec, spec.options["shard_plan"], name, threads, on_progress=progress, client=client)
+    from ..tls_tunnel import worker_client_context
+
+    return ShardedModel(spec, spec.options["shard_plan"], name, threads, on_progress=progress, client=client,
+                        tls_context=worker_client_context(worker) if worker is not None else None)

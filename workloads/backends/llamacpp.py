@@ -249,7 +249,9 @@ def load_here(cfg: dict, on_progress: Callable[[float], None] | None = None) -> 
             if not reg:
                 raise RuntimeError(f"llama.cpp could not add shard server {ep}")
             ggml.ggml_backend_register(reg)
-        params.n_gpu_layers = -1  # the input layer stays here
+        # the input layer stays here; gpu_layers (the shard speed probe): only that many
+        # repeating layers on the servers, the output layer here too
+        params.n_gpu_layers = int(cfg.get("gpu_layers", -1))
         params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
         split = (ctypes.c_float * llama_cpp.llama_max_devices())(*cfg["tensor_split"])
         params.tensor_split = split
