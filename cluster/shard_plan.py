@@ -195,7 +195,7 @@ def _by_speed(layout: GGUFLayout, sets: list[list[dict]], output: str):
         parts = _fill_fastest(layout, order, order.index(chosen[0]))
         if parts is None:
             continue
-        ms = sum(_part_ms(layout, c, a, b, c is chosen[0]) for c, (a, b, _) in zip(order, parts))
+        ms = sum(_part_ms(layout, c, a, b) for c, (a, b, _) in zip(order, parts))
         found.append((ms, chosen[0], order, parts))
     if not found:
         return None
@@ -203,13 +203,17 @@ def _by_speed(layout: GGUFLayout, sets: list[list[dict]], output: str):
     return min((f for f in found if f[0] <= fastest * 1.03), key=lambda f: (len(f[2]), f[0]))
 
 
-def _part_ms(layout: GGUFLayout, c: dict, first: int, last: int, head: bool) -> float:
+def _part_ms(layout: GGUFLayout, c: dict, first: int, last: int) -> float:
     """Expected ms per token of layers first..last on ``c`` (index n_layer: the output layer),
-    with its link to the head (none for the head's own server: the same PC)."""
+    with what each token through its server costs beyond them (``link_ms``: the round trips
+    to it and the server's own latency in answering them). The head's own server is charged
+    it too: the network part is loopback there, but a server that answers late (a PC held to
+    a CPU quota waits for its next period) does so for its own head as well; measured from a
+    PC's own server, ``link_ms`` is that latency alone."""
     sp = c["speed"]
     layers = min(last, layout.n_layer - 1) - first + 1
     return (max(layers, 0) * sp["layer_ms"] + (sp["out_ms"] if last >= layout.n_layer else 0.0)
-            + (0.0 if head else sp["link_ms"]))
+            + sp["link_ms"])
 
 
 def _fill_fastest(layout: GGUFLayout, order: list[dict], head: int) -> list[tuple[int, int, int]] | None:
@@ -350,7 +354,7 @@ def _finish(model: str, layout: GGUFLayout, head: dict, chosen: list[dict], part
     return ShardPlan(
         model=model, head=head["address"], head_name=head["name"], head_bytes=layout.input_bytes,
         parts=[ShardPart(c["address"], c["name"], c["tier"], c["endpoint"], a, b, nb, c["free"],
-                         round(_part_ms(layout, c, a, b, c is head), 2) if timed else None,
+                         round(_part_ms(layout, c, a, b), 2) if timed else None,
                          c["speed"]["layer_ms"] if timed else None)
                for c, (a, b, nb) in zip(chosen, parts)],
         n_layer=layout.n_layer, n_ctx=layout.n_ctx, total=_need(layout, 0, layout.n_layer),

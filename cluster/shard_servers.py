@@ -19,6 +19,7 @@ import threading
 import time
 
 from workloads.backends import rpc_server
+from workloads.backends.shard_speed import cpu_model, cpu_quota
 from workloads.host import PLUGIN_NAME
 
 __all__ = ["ShardServer", "check_bind_host", "host_state"]
@@ -36,40 +37,10 @@ def host_state(dask_worker=None) -> dict | None:
     ss = host.shard_server
     # what the speed measured for this server depends on: measured again when it changes
     device_key = "|".join([socket.gethostname(), ss.device, str(ss.threads), a.tier if a else "?",
-                           a.device_name if a else "?", _cpu_model(), _cpu_quota()])
+                           a.device_name if a else "?", cpu_model(), cpu_quota()])
     return {"name": str(dask_worker.name), "tier": a.tier if a else None, "simulated": a.simulated if a else False,
             "budget": host.budget, "used": host.used, "shards": host.holds(),
             "shard_server": {**ss.info(), "threads": ss.threads, "device_key": device_key}}
-
-
-def _cpu_quota() -> str:
-    """This process's cgroup CPU limit: v2 ``cpu.max`` ("25000 100000"; "max 100000": none),
-    or v1's CFS quota and period ("25000 100000"; "-1 100000": none)."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
-    except OSError:
-        return ""
-    for _, controllers, rel in lines:
-        try:
-            if controllers == "":
-                with open(f"/sys/fs/cgroup{rel}/cpu.max") as f:
-                    return f.read().strip()
-            if "cpu" in controllers.split(","):
-                base = f"/sys/fs/cgroup/{controllers}{rel}"
-                with open(f"{base}/cpu.cfs_quota_us") as q, open(f"{base}/cpu.cfs_period_us") as p:
-                    return f"{q.read().strip()} {p.read().strip()}"
-        except OSError:
-            continue
-    return ""
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 def check_bind_host(host: str) -> None:

@@ -105,35 +105,57 @@ def plan_for(core, model: str, workers: list[str] | None = None) -> ShardPlan:
     return out
 
 
-def _measure_on_worker(source: str, layout: dict, servers: dict, threads: int, keys: dict, skip: list,
-                       tls: bool = False, dask_worker=None) -> dict:
+async def _measure_on_worker(source: str, layout: dict, servers: dict, threads: int, keys: dict, skip: list,
+                             tls: bool = False, dask_worker=None) -> dict:
+    """``shard_speed.measure`` on this worker, in a thread: the timings take seconds to
+    minutes, and a worker whose event loop they held missed its heartbeats (the scheduler
+    dropped it mid-measurement on a LAN with a short worker-ttl)."""
+    import asyncio
+
     from workloads.backends.shard_speed import measure
     from workloads.tls_tunnel import reach, worker_client_context
 
-    tunnel, via = reach(list(servers.values()), worker_client_context(dask_worker) if tls else None)
-    try:
-        return measure(str(resolve_source(source)), layout, {n: via[e] for n, e in servers.items()}, threads=threads,
-                       keys=keys, skip=set(skip))
-    finally:
-        if tunnel is not None:
-            tunnel.close()
+    def run() -> dict:
+        tunnel, via = reach(list(servers.values()), worker_client_context(dask_worker) if tls else None)
+        try:
+            return measure(str(resolve_source(source)), layout, {n: via[e] for n, e in servers.items()},
+                           threads=threads, keys=keys, skip=set(skip))
+        finally:
+            if tunnel is not None:
+                tunnel.close()
+
+    return await asyncio.to_thread(run)
+
+
+def _prober(core, spec, lay: dict, use: list[dict], threads: int) -> str:
+    """The candidate whose PC runs the probe fastest (each one's own run of the slices,
+    cached there): the probe runs the input and output layers of every timing, so on a slow
+    PC (a CPU quota that stalls it) its stalls drown the servers' differences."""
+    if len(use) == 1:
+        return use[0]["address"]
+    cost = {}
+    for c in use:  # one at a time: PCs of a lab share cores, and a timing shares none
+        here = core.client.run(_measure_on_worker, spec.source, lay, {}, threads, {}, [], False,
+                               workers=[c["address"]])[c["address"]]["here"]
+        cost[c["address"]] = here["base_ms"] + here["layer_ms"]
+    return min(cost, key=cost.get)
 
 
 def measure_speeds(core, spec, layout: GGUFLayout, candidates: list[dict], wanted: list[str]) -> dict:
     """``{name: {"layer_ms", "link_ms", "out_ms"}}`` of the candidates' shard servers, timed
-    from the first candidate's PC (``workloads/backends/shard_speed.py``; cached there per
-    model file and server device). A server a head is connected to now is not timed (it
-    serves one head at a time): its cached figure, if any, is used."""
+    from the candidate's PC that runs the probe fastest (``workloads/backends/shard_speed.py``;
+    cached there per model file and server device). A server a head is connected to now is
+    not timed (it serves one head at a time): its cached figure, if any, is used."""
     use = [c for c in candidates if not wanted or c["name"] in wanted or c["address"] in wanted]
     if not use:
         return {}
-    prober = use[0]["address"]
     servers = {c["name"]: c["endpoint"] for c in use}
     keys = {c["name"]: c["device_key"] for c in use}
     skip = [c["name"] for c in use if c["connected"]]
     threads = max(int(c.get("threads") or 1) for c in use)
     lay = {"n_layer": layout.n_layer, "layer_bytes": layout.layer_bytes}
     tls = any(c.get("tls") for c in use)
+    prober = _prober(core, spec, lay, use, threads)
     got = core.client.run(_measure_on_worker, spec.source, lay, servers, threads, keys, skip, tls,
                           workers=[prober])[prober]
     here = got.pop("here", None)

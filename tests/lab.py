@@ -153,7 +153,11 @@ class Lab:
         the cpu controller is on the v1 hierarchy): its processes started from now on run in
         that cgroup, and so do the children they start (a worker's shard server), as do
         those running in its namespace now; a PC already limited gets the new limit at once."""
-        period = 100_000
+        # a short period (10 ms, not the kernel's default 100 ms): a throttled process waits
+        # for the next period, so with 100 ms one request to a shard server could wait up to
+        # 75 ms and a few ms of compute hid inside the wait (the measured speed said little);
+        # a real slow CPU is slow evenly, which a short period comes closer to
+        period = 10_000
         quota = max(int(period * fraction), 1000)
         group = self.cgroups.get(pc)
         if group is None:

@@ -106,7 +106,7 @@ def test_the_plan_by_speed_puts_the_layers_on_the_fast_pc(lab, reference):
     by_memory, _ = shard(lab, "split-by-memory")
     assert by_memory["by"] == "memory" and by_memory["head_name"] == "slow", json.dumps(by_memory)  # the most memory free
     plan, out = shard(lab, "gemma-270m-split", "--load", "--prompt", PROMPT, "--max-tokens", str(N))
-    assert plan["by"] == "speed" and plan["head_name"] == "fast" and plan["output"] == "head"
+    assert plan["by"] == "speed" and plan["head_name"] == "fast" and plan["output"] == "head", json.dumps(plan)
     got = layers(plan)
     assert got["fast"] == 14 and got["slow"] == 4, got  # all that the fast PC's memory takes
     assert plan["parts"][-1]["name"] == "fast" and plan["parts"][-1]["last"] == plan["n_layer"]  # + output
@@ -140,7 +140,11 @@ def test_a_pc_that_would_only_slow_the_others_is_left_out(lab):
     assert [p["name"] for p in plan["parts"]] == ["fast"]
     after = next(n for n in plan["notes"] if n.startswith("slow left out"))
 
-    def per_layer(note: str) -> float:
-        return float(note.split("would take ")[1].split(" ms")[0])
+    def cost(note: str) -> float:
+        """What the note says one token through the slow PC's server costs: a layer there and
+        its link (at a tenth of a CPU the server's lateness shows mostly in the latter)."""
+        layer = float(note.split("would take ")[1].split(" ms")[0])
+        link = float(note.split(" plus ")[1].split(" ms")[0])
+        return layer + link
 
-    assert per_layer(after) > 1.5 * per_layer(before), (before, after)
+    assert cost(after) > 1.5 * cost(before), (before, after)

@@ -7,7 +7,7 @@ import time
 from distributed import secede
 from distributed.core import Status
 
-from .host import host_and_worker, where
+from .host import PLUGIN_NAME, host_and_worker, where
 from .backends import ModelCrashed, WrongModelKind, chat_prompt, precheck
 from .streaming import StreamSender
 
@@ -114,18 +114,30 @@ def _retry_elsewhere(crash: ModelCrashed, host, worker, key, args: tuple, secede
     ts = worker.state.tasks.get(key)
     amount = max((ts.resource_restrictions or {}).values(), default=1) if ts is not None else 1
     mine = _fingerprint(host.build)
-    target = None
+    # asked of the workers now, not read from their last heartbeats: a quarantine lifted a
+    # moment ago (ai.unload) or a worker that just joined is seen as it is
+    facts = client.run(_crash_facts, model, on_error="return")
+    target, why = None, []
     for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
-        h = (w.get("metrics") or {}).get("aicluster") or {}
-        tier = next((t for t in chain if (w.get("resources") or {}).get(t, 0) > 0), None)
-        if addr == worker.address or tier is None or model in (h.get("quarantined") or {}):
+        if addr == worker.address:
             continue
-        if _fingerprint(h.get("build") or {}) != mine:
+        name = w.get("name", addr)
+        tier = next((t for t in chain if (w.get("resources") or {}).get(t, 0) > 0), None)
+        f = facts.get(addr)
+        if tier is None:
+            why.append(f"{name}: not of its tiers")
+        elif not isinstance(f, dict):
+            why.append(f"{name}: did not answer ({f})")
+        elif f["quarantined"]:
+            why.append(f"{name}: quarantined it")
+        elif _fingerprint(f["build"]) == mine:
+            why.append(f"{name}: the same build, CPU and device")
+        else:
             target = (addr, tier)
             break
     if target is None:
         raise crash.with_note("It was not tried elsewhere: no other worker of its tiers has another llama.cpp "
-                              "build, CPU or device") from None
+                              "build, CPU or device" + (f" ({'; '.join(why)})" if why else "")) from None
     addr, tier = target
     logger.warning("%s; trying it once on %s, which has another build or device", crash, addr)
     prompt, model, spec, params, index, stream_id, task_priority, messages = args
@@ -140,6 +152,13 @@ def _retry_elsewhere(crash: ModelCrashed, host, worker, key, args: tuple, secede
         raise again.with_note(f"It crashed on {crash.worker} first ({crash.signal}), then here") from None
     out["retried_after_crash"] = {"worker": crash.worker, "signal": crash.signal, "frame": crash.frame}
     return out
+
+
+def _crash_facts(model: str, dask_worker=None) -> dict:
+    host = dask_worker.plugins.get(PLUGIN_NAME)
+    if host is None:
+        return {"build": {}, "quarantined": True}
+    return {"build": host.build or {}, "quarantined": model in host.quarantine}
 
 
 def _fingerprint(build: dict) -> tuple:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["measure", "slice_lengths", "PROMPT", "TOKENS"]
+__all__ = ["measure", "slice_lengths", "cpu_model", "cpu_quota", "PROMPT", "TOKENS"]
 
 #: tokens decoded per timing (after a short warm-up)
 TOKENS = 24
@@ -101,7 +101,7 @@ def measure(source_path: str, layout: dict, servers: dict[str, str], threads: in
             todo[name] = ep
     import socket
 
-    here_key = f"{socket.gethostname()}|{threads}"
+    here_key = f"{socket.gethostname()}|{threads}|{cpu_quota()}"
     here = known.get(model_key, {}).get("here")
     if not todo and here and here.get("key") == here_key:
         return {**out, "here": here}
@@ -153,6 +153,36 @@ def measure(source_path: str, layout: dict, servers: dict[str, str], threads: in
     tmp.write_text(json.dumps(known, indent=1))
     os.replace(tmp, cache)
     return {**out, **fresh}
+
+
+def cpu_quota() -> str:
+    """This process's cgroup CPU limit: v2 ``cpu.max`` ("25000 100000"; "max 100000": none),
+    or v1's CFS quota and period ("25000 100000"; "-1 100000": none)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return ""
+    for _, controllers, rel in lines:
+        try:
+            if controllers == "":
+                with open(f"/sys/fs/cgroup{rel}/cpu.max") as f:
+                    return f.read().strip()
+            if "cpu" in controllers.split(","):
+                base = f"/sys/fs/cgroup/{controllers}{rel}"
+                with open(f"{base}/cpu.cfs_quota_us") as q, open(f"{base}/cpu.cfs_period_us") as p:
+                    return f"{q.read().strip()} {p.read().strip()}"
+        except OSError:
+            continue
+    return ""
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def main(argv: list[str] | None = None) -> None:
