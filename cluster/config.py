@@ -145,6 +145,9 @@ class WorkerConfig(_Strict):
     #: run a ggml RPC shard server (models split across workers); no auth, no TLS: off by default
     shard_server: bool = False
     shard_port: int = Field(default=50052, ge=0, le=65535)
+    #: split models this worker serves layers of at once: one shard server each (a ggml RPC
+    #: server serves one head at a time), on shard_port, shard_port + 1, ...
+    shard_models: int = Field(default=2, ge=1, le=16)
     #: where model files fetched from other PCs go ("": ~/.cache/aicluster/models/<worker name>)
     model_cache: str = ""
     #: the most that folder holds (least recently used out first); None: no limit

@@ -283,9 +283,8 @@ def _make_collector():
                         hits.add_metric([r["name"], name], m["hits"])
                     for name, nbytes in (r.get("shards") or {}).items():
                         shard.add_metric([r["name"], tier, name], nbytes)
-                    if r.get("shard_server"):
-                        server.add_metric([r["name"], tier, r["shard_server"].get("endpoint", "?")],
-                                          1 if r["shard_server"].get("alive") else 0)
+                    for srv in r.get("shard_servers") or ([r["shard_server"]] if r.get("shard_server") else []):
+                        server.add_metric([r["name"], tier, srv.get("endpoint", "?")], 1 if srv.get("alive") else 0)
             for key, n in counts.items():
                 workers.add_metric(list(key), n)
             yield from (workers, budget, used, model, hits, vram, shard, server)

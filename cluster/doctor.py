@@ -281,9 +281,12 @@ def config_ports(cfg: Any) -> dict[int, list[str]]:
     named = [("scheduler.port", cfg.scheduler.port), ("scheduler.dashboard_port", cfg.scheduler.dashboard_port),
              ("server.port", cfg.server.port), ("worker.port", cfg.worker.port),
              ("worker.nanny_port", cfg.worker.nanny_port)]
-    if cfg.worker.shard_server or any(m.sharded for m in cfg.models.values()):
-        named.append(("worker.shard_port", cfg.worker.shard_port))
-    named += [(f"local.workers[{i}].shard_port", w.shard_port) for i, w in enumerate(cfg.local.workers) if w.shard_server]
+    if (cfg.worker.shard_server or any(m.sharded for m in cfg.models.values())) and cfg.worker.shard_port:
+        named += [("worker.shard_port" + (f" + {i} (worker.shard_models)" if i else ""), cfg.worker.shard_port + i)
+                  for i in range(cfg.worker.shard_models)]
+    named += [(f"local.workers[{i}].shard_port" + (f" + {k}" if k else ""), w.shard_port + k)
+              for i, w in enumerate(cfg.local.workers) if w.shard_server and w.shard_port
+              for k in range(cfg.worker.shard_models)]
     out: dict[int, list[str]] = {}
     for key, port in named:
         if port:

@@ -31,6 +31,7 @@ from workloads.backends import BUILTIN, ModelCrashed, backend_module
 from workloads.backends.sources import local_path
 from workloads.compat import count_child_memory
 from workloads.transfer import FetchError, Holdings, ModelCache, default_cache_dir, fetchable
+from workloads.shard_protocol import ShardServerBusy
 from workloads.host import PLUGIN_NAME  # the name the task functions look the plugin up by
 
 from .config import Config, ModelConfig, load_config
@@ -224,9 +225,12 @@ class ModelHost(WorkerPlugin):
         #: job_type -> last benchmark result on this worker (workloads/bench.py)
         self.bench: dict[str, dict] = {}
         self._threads_set = False
-        #: model -> (bytes, since) this worker's shard server holds for a split model
+        #: model -> (bytes, since) this worker's shard servers hold for a split model
         self._holds: dict[str, tuple[int, float]] = {}
-        self.shard_server = self._start_shard_server(worker)
+        #: model -> the endpoint of the shard server its layers are on (see ``hold_shard``)
+        self._server_of: dict[str, str] = {}
+        #: one shard server per split model served at once (``worker.shard_models``)
+        self.shard_servers = self._start_shard_servers(worker)
         # model files: offered to the other PCs, and fetched from them into this cache
         wc = self.config.worker
         self.holdings = Holdings()
@@ -258,8 +262,8 @@ class ModelHost(WorkerPlugin):
             pc.stop()
         for name in list(getattr(self, "_models", {})):
             self.unload(name, finish=False)
-        if getattr(self, "shard_server", None) is not None:
-            self.shard_server.stop()
+        for srv in getattr(self, "shard_servers", []):
+            srv.stop()
         worker.metrics.pop("aicluster", None)
         self._empty_cuda_cache()
 
@@ -276,18 +280,50 @@ class ModelHost(WorkerPlugin):
     #: a hold whose head never connects (or that disconnected) is dropped after this long
     HOLD_GRACE = 120.0
 
-    def hold_shard(self, model: str, nbytes: int) -> dict:
-        """Count ``nbytes`` of ``model``'s layers, about to be placed on this worker's shard
-        server, against the model budget: least-recently-used models are evicted to make room
-        (``ModelDoesNotFit`` when the budget cannot hold them)."""
-        if self.shard_server is None:
-            raise RuntimeError(f"worker {self.worker.name} runs no shard server")
+    @property
+    def shard_server(self):
+        """The first shard server (None: this worker runs none)."""
+        return self.shard_servers[0] if self.shard_servers else None
+
+    def server_for(self, model: str):
+        """The shard server ``model``'s layers are on, else one that no split model uses (no
+        head connected, none reserved); None when every one serves another model."""
         with self._lock:
+            mine = self._server_of.get(model)
+            taken = {e for m, e in self._server_of.items() if m != model and m in self._holds}
+        for srv in self.shard_servers:
+            if srv.endpoint == mine and srv.alive:
+                return srv
+        for srv in self.shard_servers:
+            if srv.alive and srv.endpoint not in taken and not srv.connected():
+                return srv
+        return None
+
+    def hold_shard(self, model: str, nbytes: int, endpoint: str | None = None) -> dict:
+        """Count ``nbytes`` of ``model``'s layers, about to be placed on this worker's shard
+        server at ``endpoint`` (default: the first), against the model budget: least-recently-
+        used models are evicted to make room (``ModelDoesNotFit`` when the budget cannot hold
+        them). The server is reserved for ``model`` until ``release_shard``; a server another
+        split model holds is refused with the reason (two heads cannot share one)."""
+        if not self.shard_servers:
+            raise RuntimeError(f"worker {self.worker.name} runs no shard server")
+        endpoint = endpoint or self.shard_servers[0].endpoint
+        if endpoint not in {s.endpoint for s in self.shard_servers}:
+            raise RuntimeError(f"worker {self.worker.name} runs no shard server at {endpoint}; its servers: "
+                               + ", ".join(s.endpoint for s in self.shard_servers))
+        with self._lock:
+            other = next((m for m, e in self._server_of.items() if e == endpoint and m != model and m in self._holds),
+                         None)
+            if other is not None:
+                raise ShardServerBusy(f"the shard server {endpoint} of worker {self.worker.name} holds the layers of "
+                                      f"split model {other!r}; plan {model!r} again (ai.plan_shards) to use another "
+                                      f"of its servers, or raise worker.shard_models")
             self._holds.pop(model, None)
+            self._server_of[model] = endpoint
         self._make_room(int(nbytes), f"{model} (shard)")
         with self._lock:
             self._holds[model] = (int(nbytes), time.time())
-        return {"held": int(nbytes), "used": self.used, "budget": self.budget}
+        return {"held": int(nbytes), "used": self.used, "budget": self.budget, "endpoint": endpoint}
 
     def holds(self) -> dict[str, int]:
         """``{model: bytes}`` of the split models' layers counted here (see ``hold_shard``)."""
@@ -295,27 +331,33 @@ class ModelHost(WorkerPlugin):
             return {m: b for m, (b, _) in self._holds.items()}
 
     def release_shard(self, model: str) -> bool:
-        """Stop counting ``model``'s layers here (its head unloaded it)."""
+        """Stop counting ``model``'s layers here (its head unloaded it); its server is free."""
         with self._lock:
+            self._server_of.pop(model, None)
             return self._holds.pop(model, None) is not None
 
     def _expire_holds(self) -> None:
-        if not self._holds or self.shard_server is None:
+        if not self._holds or not self.shard_servers:
             return
-        if self.shard_server.connected():
-            with self._lock:  # the head is there: its layers are still here
-                self._holds = {m: (b, time.time()) for m, (b, _) in self._holds.items()}
-            return
+        by_endpoint = {s.endpoint: s for s in self.shard_servers}
         now = time.time()
         with self._lock:
-            for m in [m for m, (_, t) in self._holds.items() if now - t > self.HOLD_GRACE]:
+            holds = dict(self._holds)
+            where = dict(self._server_of)
+        for m, (b, t) in holds.items():
+            srv = by_endpoint.get(where.get(m, self.shard_servers[0].endpoint))
+            if srv is not None and srv.connected():  # its head is there: its layers are still here
+                with self._lock:
+                    if m in self._holds:
+                        self._holds[m] = (b, now)
+            elif now - t > self.HOLD_GRACE:
                 logger.info("shard of %s released (no head connected for %.0f s)", m, self.HOLD_GRACE)
-                del self._holds[m]
+                self.release_shard(m)
 
-    def _start_shard_server(self, worker):
+    def _start_shard_servers(self, worker) -> list:
         port = getattr(worker, "aicluster_shard_port", None)
         if port is None:
-            return None
+            return []
         from distributed.comm import get_address_host
 
         from .shard_servers import ShardServer
@@ -324,13 +366,16 @@ class ModelHost(WorkerPlugin):
         # worker's own certificate (Dask's listen context: a client certificate is required)
         tls = (worker.security.get_listen_args("worker").get("ssl_context")
                if worker.address.startswith("tls://") else None)
-        server = ShardServer(get_address_host(worker.address), port, device=self.device,
-                             threads=self.config.worker.torch_threads, name=str(worker.name), tls=tls)
-        server.start()
-        if not server.wait_ready(30):
-            logger.warning("shard server %s did not come up: %s", server.endpoint, server.last_error or "see its log in "
-                           + server.cache_dir)
-        return server
+        servers = []
+        for i in range(self.config.worker.shard_models):
+            # a fixed port: the next ones follow it (one firewall range); 0: each a free port
+            servers.append(ShardServer(get_address_host(worker.address), port + i if port else 0, device=self.device,
+                                       threads=self.config.worker.torch_threads, name=str(worker.name), tls=tls).start())
+        for server in servers:
+            if not server.wait_ready(30):
+                logger.warning("shard server %s did not come up: %s", server.endpoint,
+                               server.last_error or "see its log in " + server.cache_dir)
+        return servers
 
     def _watch_children(self, worker) -> None:
         """The worker's own memory thresholds (spill, pause) see what its child processes hold
@@ -357,9 +402,7 @@ class ModelHost(WorkerPlugin):
         """This host's own child processes (engines of its models, its shard server); not every
         child of the process, which in a test may host several workers."""
         pids = [getattr(r.model, "pid", None) for r in list(self._models.values())]
-        srv = self.shard_server
-        if srv is not None and srv.proc is not None:
-            pids.append(srv.proc.pid)
+        pids += [srv.proc.pid for srv in self.shard_servers if srv.proc is not None]
         return [p for p in pids if p]
 
     def resident(self) -> list[str]:
@@ -546,14 +589,18 @@ class ModelHost(WorkerPlugin):
         }
 
     def _shard_metrics(self) -> dict:
-        if self.shard_server is None:
+        if not self.shard_servers:
             return {}
         try:
             self._expire_holds()
-            info = {**self.shard_server.info(), "free": max(self.budget - self.used, 0)}
+            with self._lock:
+                of = {e: m for m, e in self._server_of.items() if m in self._holds}
+            servers = [{**s.info(), "model": of.get(s.endpoint)} for s in self.shard_servers]
+            info = {**servers[0], "free": max(self.budget - self.used, 0)}
         except Exception as e:  # a metric callback that raises drops the whole metric
-            info = {"endpoint": self.shard_server.endpoint, "alive": False, "last_error": str(e)}
-        return {"shard_server": info, "shards": self.holds()}
+            info = {"endpoint": self.shard_servers[0].endpoint, "alive": False, "last_error": str(e)}
+            servers = [info]
+        return {"shard_server": info, "shard_servers": servers, "shards": self.holds()}
 
     # -- internals -------------------------------------------------------------------------
     def _default_budget(self) -> int:

@@ -98,18 +98,33 @@ def candidates_of(states: dict, tiers, model: str | None = None) -> list[dict]:
     order = {t: i for i, t in enumerate(tiers)}
     out = []
     for addr, st in states.items():
-        if not isinstance(st, dict) or not (st.get("shard_server") or {}).get("alive"):
+        if not isinstance(st, dict) or not st.get("shard_server"):
+            continue
+        srv = _server_for(st, model)
+        if not srv.get("alive"):
             continue
         budget = st["budget"] or 0
         free = budget - (st["used"] or 0) + int((st.get("shards") or {}).get(model, 0))
         out.append({"address": addr, "name": st["name"], "tier": st["tier"] or "?", "rank": order.get(st["tier"], len(order)),
-                    "endpoint": st["shard_server"]["endpoint"], "free": max(free, 0), "budget": budget,
-                    "threads": st["shard_server"].get("threads", 1), "tls": bool(st["shard_server"].get("tls")),
-                    "device_key": st["shard_server"].get("device_key", st["name"]),
-                    "simulated": bool(st["simulated"]), "connected": bool(st["shard_server"].get("connected")),
+                    "endpoint": srv["endpoint"], "free": max(free, 0), "budget": budget,
+                    "threads": srv.get("threads", 1), "tls": bool(srv.get("tls")),
+                    "device_key": srv.get("device_key", st["name"]),
+                    "simulated": bool(st["simulated"]), "connected": bool(srv.get("connected")),
+                    "taken": srv.get("model") not in (None, model),
                     "holds": model in (st.get("shards") or {})})
     out.sort(key=lambda c: (c["rank"], c["name"]))
     return out
+
+
+def _server_for(st: dict, model: str | None) -> dict:
+    """Of a worker's shard servers (``host_state``), the one for ``model``: the one its
+    layers are on, else a free one (no head connected, no split model's layers), else the
+    first (busy: ``_busy`` leaves the worker out)."""
+    servers = st.get("shard_servers") or [st["shard_server"]]
+    alive = [s for s in servers if s.get("alive")]
+    return (next((s for s in alive if model is not None and s.get("model") == model), None)
+            or next((s for s in alive if not s.get("connected") and not s.get("model")), None)
+            or (alive or servers)[0])
 
 
 def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[str] | None = None,
@@ -146,8 +161,9 @@ def plan(model: str, layout: GGUFLayout, candidates: list[dict], workers: list[s
             raise ShardPlanError(f"model {model!r}: a worker is named twice in {workers}")
         busy = [c["name"] for c in chosen if _busy(c)]
         if busy:
-            raise ShardPlanError(f"model {model!r}: the shard server(s) of {', '.join(busy)} serve another split "
-                                 f"model's head (one head at a time); unload that model first (ai.unload)")
+            raise ShardPlanError(f"model {model!r}: every shard server of {', '.join(busy)} serves another split "
+                                 f"model (one head each); unload one of those (ai.unload), or give the workers "
+                                 f"more servers (worker.shard_models)")
         if by == "speed" and all(c.get("speed") for c in chosen):
             best = _by_speed(layout, [chosen], output)
             if best is not None:
@@ -277,8 +293,9 @@ def _order(chosen: list[dict], output: str) -> list[dict]:
 
 
 def _busy(c: dict) -> bool:
-    """A server that a head of another model holds (a server serves one head at a time)."""
-    return bool(c.get("connected")) and not c.get("holds")
+    """A worker whose chosen server (``_server_for``) a head of another model holds, or
+    that another model's layers are reserved on (a server serves one head at a time)."""
+    return bool(c.get("connected") or c.get("taken")) and not c.get("holds")
 
 
 def _need(layout: GGUFLayout, first: int, last: int) -> int:

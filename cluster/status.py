@@ -51,6 +51,7 @@ def worker_rows(workers: dict, tiers=()) -> list[dict]:
             "build": host.get("build", {}),
             "bench": host.get("bench", {}),
             "shard_server": host.get("shard_server"),
+            "shard_servers": host.get("shard_servers") or ([host["shard_server"]] if host.get("shard_server") else []),
             "shards": host.get("shards", {}),
             "tiered": tier is not None,
             "reason": tier_info.get("reason", ""),
@@ -101,18 +102,21 @@ def format_table(rows: list[dict], models: bool = True) -> str:
 def format_shards(rows: list[dict]) -> str:
     """Each worker's shard server (models split across workers, cluster/shards.py)."""
     body = []
+    tls = False
     for r in rows:
-        srv = r.get("shard_server")
-        if not srv:
-            continue
-        state = ("in use by a head" if srv.get("connected") else "idle") if srv.get("alive") else \
-            f"down ({srv.get('last_error') or 'starting'})"
-        held = ", ".join(f"{m} {format_bytes(b)}" for m, b in (r.get("shards") or {}).items()) or "-"
+        shards = r.get("shards") or {}
         device = r["device"] + (" (simulated: RAM)" if r["simulated"] else "")
-        body.append([r["name"], srv.get("endpoint", "?"), device, state, held, _b(srv.get("cached"))])
+        for srv in r.get("shard_servers") or ([r["shard_server"]] if r.get("shard_server") else []):
+            tls = tls or bool(srv.get("tls"))
+            state = ("in use by a head" if srv.get("connected") else "idle") if srv.get("alive") else \
+                f"down ({srv.get('last_error') or 'starting'})"
+            m = srv.get("model")
+            held = f"{m} {format_bytes(shards[m])}" if m in shards else "-"
+            body.append([r["name"], srv.get("endpoint", "?"), device, state, held, _b(srv.get("cached"))])
     if not body:
         return ""
-    return "shard servers (ggml RPC, no auth: LAN only):\n" + "\n".join(
+    how = "ggml RPC behind mutual-TLS tunnels" if tls else "ggml RPC, no auth: LAN only"
+    return f"shard servers ({how}; one split model each):\n" + "\n".join(
         "  " + line for line in text_table(["worker", "endpoint", "device", "state", "layers held", "cache"], body))
 
 

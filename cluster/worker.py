@@ -90,7 +90,9 @@ def _leave_ctrl_c_to_the_nanny(worker) -> None:
 @click.option("--shard-server/--no-shard-server", default=None,
               help="Run a shard server for models split across workers (default: worker.shard_server).")
 @click.option("--shard-port", type=click.IntRange(0, 65535), default=None,
-              help="The shard server's port (default: worker.shard_port, 50052; 0 = any free port).")
+              help="The first shard server's port (default: worker.shard_port, 50052; 0 = any free "
+                   "port); worker.shard_models servers (one per split model served at once) take "
+                   "PORT, PORT+1, ...")
 async def dask_setup(worker, config_path, tier, no_model_host, shard_server, shard_port):
     await setup_worker(worker, config=config_path, tier=tier, register_host=not no_model_host,
                        shard_server=shard_server, shard_port=shard_port)

@@ -30,7 +30,15 @@ def shard_config(n: int = 3, memory_limit: str = "3GB") -> dict:
         {"name": name, "tier": tier, "nthreads": 1, "memory_limit": memory_limit, "shard_server": True}
         for name, tier in (("pc1", "VRAM12"), ("pc2", "VRAM6"), ("pc3", "CPU"))[:n]]
     data["models"]["gemma-270m-split"]["shard"] = {"workers": ["pc1", "pc2"]}  # one worker would hold it
+    # a second split model over the same two workers (the same file under another name: this
+    # machine has one GGUF); each worker runs a shard server per split model (worker.shard_models)
+    data["models"]["gemma-270m-split-b"] = {**data["models"]["gemma-270m-split"], "shard": {"workers": ["pc2", "pc1"]}}
     return data
+
+
+def _server_pid(st: dict, part: dict) -> int:
+    """The pid of the shard server ``part`` (of a plan) is on, from ``ai.status()`` rows by name."""
+    return next(s["pid"] for s in st[part["name"]]["shard_servers"] if s["endpoint"] == part["endpoint"])
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +361,7 @@ def test_split_generation_equals_single_process(split, reference, workers):
     for part in plan.parts:
         assert gauges[f'aicluster_shard_bytes{{model="gemma-270m-split",tier="{part.tier}",worker="{part.name}"}}'] \
             == part.nbytes, gauges
-    assert text.count("aicluster_shard_server_up{") == 3
+    assert text.count("aicluster_shard_server_up{") == 3 * split.config.worker.shard_models
     # Dask's memory monitor (pause and terminate thresholds) sees the layers in the servers' RAM
     def children_memory(dask_worker):
         return dask_worker.monitor.get_process_memory() - dask_worker.monitor.proc.memory_info().rss
@@ -434,7 +442,7 @@ def test_lost_shard_server_fails_clearly_and_replans(split):
     plan = next(m["shard"]["plan"] for w in st.values() for n, m in w["models"].items() if "shard" in m)
     victim = plan["parts"][-1]
     head_worker = plan["head_name"]
-    pid = st[victim["name"]]["shard_server"]["pid"]
+    pid = _server_pid(st, victim)
     f = split.generate("Write a long story about the sea.", model="gemma-270m-split", max_tokens=400)
     time.sleep(1.5)
     os.kill(pid, signal.SIGKILL)
@@ -487,6 +495,47 @@ def test_concurrent_first_requests_make_one_plan(split, reference):
     assert sum(split.client.run(loads).values()) - before == 1
 
 
+def test_two_split_models_on_the_same_two_workers_at_once(split, reference):
+    """Two split models over pc1 and pc2 (each worker a shard server per split model): both
+    load, each on its own servers, both count against the workers' budgets, and generations
+    of both at once give what one process does."""
+    split.generate("warm", model="gemma-270m-split", max_tokens=2).result()
+    results = {}
+
+    def go(model, i):
+        results[(model, i)] = split.generate(PROMPT, model=model, max_tokens=N).result()
+
+    threads = [threading.Thread(target=go, args=(m, i)) for m in ("gemma-270m-split", "gemma-270m-split-b")
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 4 and all(r["text"] == reference for r in results.values()), results
+    assert {r["worker"] for (m, _), r in results.items() if m == "gemma-270m-split-b"} == {"pc2"}
+    deadline = time.monotonic() + 15
+    while True:  # the heads' heartbeats carry their plans
+        st = {w["name"]: w for w in split.status()}
+        plans = {n: m["shard"]["plan"] for w in st.values() for n, m in w["models"].items() if "shard" in m}
+        if len(plans) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert set(plans) == {"gemma-270m-split", "gemma-270m-split-b"}, plans
+    for name in ("pc1", "pc2"):
+        ends = {m: next(p["endpoint"] for p in plan["parts"] if p["name"] == name) for m, plan in plans.items()}
+        assert len(set(ends.values())) == 2, ends  # a server each on that worker
+        held = {s["endpoint"]: s["model"] for s in st[name]["shard_servers"]}
+        assert all(held[e] == m for m, e in ends.items()), held
+        assert set(st[name]["shards"]) >= set(plans)  # both against its budget
+        assert st[name]["used"] >= sum(st[name]["shards"].values())
+    # a third split model finds no free server on them: refused, naming the fix
+    from cluster.shard_plan import ShardPlanError
+
+    with pytest.raises(ShardPlanError, match="every shard server of .* serves another split model.*shard_models"):
+        split.plan_shards("gemma-270m", workers=["pc1", "pc2"])
+    split.unload("gemma-270m-split-b")
+
+
 def test_a_shard_server_that_stops_answering_fails_the_request_in_bounded_time(split):
     """SIGSTOP the server: its port stays open, nothing answers. The head's worker sees that
     server do no work while the head waits, and ends it: ShardLost naming the worker."""
@@ -501,7 +550,7 @@ def test_a_shard_server_that_stops_answering_fails_the_request_in_bounded_time(s
             break
         time.sleep(0.3)
     victim = plan["parts"][-1]
-    pid = st[victim["name"]]["shard_server"]["pid"]
+    pid = _server_pid(st, victim)
     f = split.generate("Write a long story about the sea.", model="gemma-270m-split", max_tokens=400)
     time.sleep(1.0)
     os.kill(pid, signal.SIGSTOP)

@@ -19,12 +19,16 @@ from .compat import RPC_PROTO
 from .host import PLUGIN_NAME
 from .tables import text_table
 
-__all__ = ["ShardPart", "ShardPlan", "ShardServerError", "probe", "server_info", "lost_servers", "hold", "release",
+__all__ = ["ShardPart", "ShardPlan", "ShardServerError", "ShardServerBusy", "probe", "server_info", "lost_servers", "hold", "release",
            "RPC_PROTO"]
 
 
 class ShardServerError(ConnectionError):
     """A shard server that does not answer, or answers with another protocol."""
+
+
+class ShardServerBusy(RuntimeError):
+    """A shard server that holds another split model's layers (it serves one head at a time)."""
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -208,10 +212,13 @@ def _recv(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-def server_info(dask_worker=None) -> dict | None:
-    """This worker's shard server (``client.run``): endpoint, pid, start time, state."""
+def server_info(endpoints: list[str] | None = None, dask_worker=None) -> dict | None:
+    """This worker's shard server (``client.run``): endpoint, pid, start time, state; of its
+    servers, the one at one of ``endpoints`` (a plan's: a worker is in a plan once), else
+    the first."""
     host = dask_worker.plugins.get(PLUGIN_NAME)
-    srv = getattr(host, "shard_server", None)
+    servers = getattr(host, "shard_servers", None) or []
+    srv = next((s for s in servers if endpoints and s.endpoint in endpoints), servers[0] if servers else None)
     return None if srv is None else srv.info()
 
 
@@ -219,7 +226,8 @@ def lost_servers(client, parts: list[ShardPart], before: dict) -> list[ShardPart
     """The parts whose shard server died (or whose worker left) since ``before`` (``{worker
     address: server_info()}``): a restarted server has another pid and start time."""
     try:
-        now = client.run(server_info, workers=[p.worker for p in parts], on_error="return")
+        now = client.run(server_info, [p.endpoint for p in parts], workers=[p.worker for p in parts],
+                         on_error="return")
     except Exception:
         now = {}
     lost = []
@@ -230,12 +238,12 @@ def lost_servers(client, parts: list[ShardPart], before: dict) -> list[ShardPart
     return lost
 
 
-async def _hold(model: str, nbytes: int, dask_worker=None) -> dict:
+async def _hold(model: str, nbytes: int, endpoint: str | None = None, dask_worker=None) -> dict:
     import asyncio
 
     # in a thread: making room may wait for a task that uses the model it evicts, and the
     # worker's event loop (heartbeats, cancels) must not wait with it
-    return await asyncio.to_thread(dask_worker.plugins[PLUGIN_NAME].hold_shard, model, nbytes)
+    return await asyncio.to_thread(dask_worker.plugins[PLUGIN_NAME].hold_shard, model, nbytes, endpoint)
 
 
 async def _release(model: str, dask_worker=None) -> bool:
@@ -255,4 +263,4 @@ def hold(client, p: ShardPlan) -> None:
     """Count each part's bytes against its worker's model budget (evicting LRU models
     there); raises the worker's ``ModelDoesNotFit`` when one cannot make room."""
     for part in p.parts:
-        client.run(_hold, p.model, part.nbytes, workers=[part.worker])
+        client.run(_hold, p.model, part.nbytes, part.endpoint, workers=[part.worker])

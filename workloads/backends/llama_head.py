@@ -130,7 +130,7 @@ class ShardedModel(ChildModel):
         if self._client is None:
             return {}
         try:
-            return self._client.run(server_info, workers=self.plan.workers, on_error="return")
+            return self._client.run(server_info, self.plan.endpoints, workers=self.plan.workers, on_error="return")
         except Exception:
             return {}
 
