@@ -248,8 +248,16 @@ def _fill_fastest(layout: GGUFLayout, order: list[dict], head: int) -> list[tupl
         if not room:
             return None
         counts[room[0]] += 1
-    # growing one span shifts the ones after it: check every span as it finally lies
-    for _ in range(n * len(order)):
+    # growing one span shifts the ones after it: check every span as it finally lies; a
+    # layer moves off an over-full server to the fastest with room
+    return _settle(layout, counts, free, lambda room, i: min(room, key=by_speed.index))
+
+
+def _settle(layout: GGUFLayout, counts: list[int], free: list[int], choose) -> list[tuple[int, int, int]] | None:
+    """``[(first, last, bytes)]`` of ``counts`` layers per worker (in layer order), once no
+    worker is over its ``free`` bytes: a layer at a time moves off the first over-full worker
+    to ``choose(room, i)``, one of the workers with room for it; None when none has room."""
+    for _ in range(len(counts) * (sum(counts) + 1)):
         spans = _spans(counts)
         over = [i for i, (a, b) in enumerate(spans) if _need(layout, a, b) > free[i]]
         if not over:
@@ -257,11 +265,11 @@ def _fill_fastest(layout: GGUFLayout, order: list[dict], head: int) -> list[tupl
         i = over[0]
         if counts[i] <= 1:
             return None
-        room = [j for j in by_speed if j != i and _need(layout, *_grow(spans, j, i)) <= free[j]]
+        room = [j for j in range(len(counts)) if j != i and _need(layout, *_grow(spans, j, i)) <= free[j]]
         if not room:
             return None
         counts[i] -= 1
-        counts[room[0]] += 1
+        counts[choose(room, i)] += 1
     return None
 
 
@@ -322,20 +330,8 @@ def _divide(model: str, layout: GGUFLayout, chosen: list[dict], head: int = 0) -
         counts[counts.index(max(counts))] -= 1
     while sum(counts) < n:
         counts[free.index(max(free))] += 1
-    for _ in range(n * len(chosen)):  # move layers off over-full workers
-        spans = _spans(counts)
-        over = [i for i, (a, b) in enumerate(spans) if _need(layout, a, b) > free[i]]
-        if not over:
-            return [(a, b, _need(layout, a, b)) for a, b in spans]
-        i = over[0]
-        if counts[i] <= 1:
-            return None
-        room = [j for j in range(len(counts)) if j != i and _need(layout, *_grow(spans, j, i)) <= free[j]]
-        if not room:
-            return None
-        counts[i] -= 1
-        counts[min(room, key=lambda j: abs(j - i))] += 1
-    return None
+    # move layers off over-full workers, each to the nearest with room
+    return _settle(layout, counts, free, lambda room, i: min(room, key=lambda j: abs(j - i)))
 
 
 def _spans(counts: list[int]) -> list[tuple[int, int]]:
