@@ -330,6 +330,11 @@ class ModelHost(WorkerPlugin):
         with self._lock:
             return {m: b for m, (b, _) in self._holds.items()}
 
+    def server_models(self) -> dict[str, str]:
+        """``{endpoint: model}``: which split model's layers each shard server holds."""
+        with self._lock:
+            return {e: m for m, e in self._server_of.items() if m in self._holds}
+
     def release_shard(self, model: str) -> bool:
         """Stop counting ``model``'s layers here (its head unloaded it); its server is free."""
         with self._lock:
@@ -593,8 +598,7 @@ class ModelHost(WorkerPlugin):
             return {}
         try:
             self._expire_holds()
-            with self._lock:
-                of = {e: m for m, e in self._server_of.items() if m in self._holds}
+            of = self.server_models()
             servers = [{**s.info(), "model": of.get(s.endpoint)} for s in self.shard_servers]
             info = {**servers[0], "free": max(self.budget - self.used, 0)}
         except Exception as e:  # a metric callback that raises drops the whole metric
