@@ -133,11 +133,17 @@ def _prober(core, spec, lay: dict, use: list[dict], threads: int) -> str:
     PC (a CPU quota that stalls it) its stalls drown the servers' differences."""
     if len(use) == 1:
         return use[0]["address"]
-    cost = {}
+    cost, why = {}, []
     for c in use:  # one at a time: PCs of a lab share cores, and a timing shares none
-        here = core.client.run(_measure_on_worker, spec.source, lay, {}, threads, {}, [], False,
-                               workers=[c["address"]])[c["address"]]["here"]
+        try:
+            here = core.client.run(_measure_on_worker, spec.source, lay, {}, threads, {}, [], False,
+                                   workers=[c["address"]])[c["address"]]["here"]
+        except Exception as e:  # (that PC lacks the model file, say: it does not probe)
+            why.append(f"{c['name']}: {e}")
+            continue
         cost[c["address"]] = here["base_ms"] + here["layer_ms"]
+    if not cost:
+        raise RuntimeError("no candidate could time the model: " + "; ".join(why))
     return min(cost, key=cost.get)
 
 
