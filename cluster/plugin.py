@@ -285,20 +285,6 @@ class ModelHost(WorkerPlugin):
         """The first shard server (None: this worker runs none)."""
         return self.shard_servers[0] if self.shard_servers else None
 
-    def server_for(self, model: str):
-        """The shard server ``model``'s layers are on, else one that no split model uses (no
-        head connected, none reserved); None when every one serves another model."""
-        with self._lock:
-            mine = self._server_of.get(model)
-            taken = {e for m, e in self._server_of.items() if m != model and m in self._holds}
-        for srv in self.shard_servers:
-            if srv.endpoint == mine and srv.alive:
-                return srv
-        for srv in self.shard_servers:
-            if srv.alive and srv.endpoint not in taken and not srv.connected():
-                return srv
-        return None
-
     def hold_shard(self, model: str, nbytes: int, endpoint: str | None = None) -> dict:
         """Count ``nbytes`` of ``model``'s layers, about to be placed on this worker's shard
         server at ``endpoint`` (default: the first), against the model budget: least-recently-
@@ -330,10 +316,11 @@ class ModelHost(WorkerPlugin):
         with self._lock:
             return {m: b for m, (b, _) in self._holds.items()}
 
-    def server_models(self) -> dict[str, str]:
-        """``{endpoint: model}``: which split model's layers each shard server holds."""
+    def server_infos(self) -> list[dict]:
+        """Each shard server's ``info()`` with ``model``: the split model whose layers it holds."""
         with self._lock:
-            return {e: m for m, e in self._server_of.items() if m in self._holds}
+            of = {e: m for m, e in self._server_of.items() if m in self._holds}
+        return [{**s.info(), "model": of.get(s.endpoint)} for s in self.shard_servers]
 
     def release_shard(self, model: str) -> bool:
         """Stop counting ``model``'s layers here (its head unloaded it); its server is free."""
@@ -598,8 +585,7 @@ class ModelHost(WorkerPlugin):
             return {}
         try:
             self._expire_holds()
-            of = self.server_models()
-            servers = [{**s.info(), "model": of.get(s.endpoint)} for s in self.shard_servers]
+            servers = self.server_infos()
             info = {**servers[0], "free": max(self.budget - self.used, 0)}
         except Exception as e:  # a metric callback that raises drops the whole metric
             info = {"endpoint": self.shard_servers[0].endpoint, "alive": False, "last_error": str(e)}

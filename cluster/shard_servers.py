@@ -38,9 +38,7 @@ def host_state(dask_worker=None) -> dict | None:
     # what the speed measured for this server depends on: measured again when it changes
     device_key = "|".join([socket.gethostname(), ss.device, str(ss.threads), a.tier if a else "?",
                            a.device_name if a else "?", cpu_model(), cpu_quota()])
-    of = host.server_models()
-    servers = [{**s.info(), "threads": s.threads, "device_key": device_key, "model": of.get(s.endpoint)}
-               for s in host.shard_servers]
+    servers = [{**info, "threads": ss.threads, "device_key": device_key} for info in host.server_infos()]
     return {"name": str(dask_worker.name), "tier": a.tier if a else None, "simulated": a.simulated if a else False,
             "budget": host.budget, "used": host.used, "shards": host.holds(),
             "shard_server": servers[0], "shard_servers": servers}

@@ -528,6 +528,12 @@ def test_two_split_models_on_the_same_two_workers_at_once(split, reference):
         assert all(held[e] == m for m, e in ends.items()), held
         assert set(st[name]["shards"]) >= set(plans)  # both against its budget
         assert st[name]["used"] >= sum(st[name]["shards"].values())
+    # a hold on a server another split model holds is refused (two heads cannot share one)
+    from workloads.shard_protocol import ShardServerBusy, _hold
+
+    a_on_pc1 = next(p for p in plans["gemma-270m-split"]["parts"] if p["name"] == "pc1")
+    with pytest.raises(ShardServerBusy, match="holds the layers of split model 'gemma-270m-split'"):
+        split.client.run(_hold, "gemma-270m-split-b", 2**20, a_on_pc1["endpoint"], workers=[a_on_pc1["worker"]])
     # a third split model finds no free server on them: refused, naming the fix
     from cluster.shard_plan import ShardPlanError
 
