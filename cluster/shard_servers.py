@@ -223,7 +223,9 @@ class ShardServer:
                 "cpu": cpu, "state": state,
                 "pid": self.proc.pid if self.proc else None,
                 "started": self.started, "restarts": self.restarts, "connected": self.connected(), "rss": self.rss(),
-                "cached": self.cached_bytes(), "last_error": self.last_error, "tls": self.tls is not None}
+                "cached": self.cached_bytes(), "last_error": self.last_error, "tls": self.tls is not None,
+                # with TLS, where a head on this same PC connects (no tunnel on loopback)
+                "local": "%s:%d" % self._listen if self.tls is not None else None}
 
     def stop(self) -> None:
         self._stop.set()

@@ -283,6 +283,11 @@ def test_shard_servers_behind_the_clusters_tls_refuse_strangers(certs):
             assert probe(via[srv.endpoint])[:2] == RPC_PROTO
         finally:
             tunnel.close()
+        # a head on the server's own PC goes straight to the inner port: no tunnel on loopback
+        local = srv.info()["local"]
+        assert local.startswith("127.0.0.1:") and local != srv.endpoint
+        tunnel, via = reach([srv.endpoint], ctx(lab, "pc2", False), local={srv.endpoint: local})
+        assert tunnel is None and via == {srv.endpoint: local} and probe(local)[:2] == RPC_PROTO
         with pytest.raises(ShardServerError):  # plain ggml RPC on the TLS port
             probe(srv.endpoint, timeout=3)
         tunnel, via = reach([srv.endpoint], ctx(certs / "other", "stranger", False))

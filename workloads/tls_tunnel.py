@@ -146,14 +146,21 @@ def worker_client_context(worker=None) -> ssl.SSLContext | None:
     return worker.security.get_connection_args("worker").get("ssl_context")
 
 
-def reach(endpoints: list[str], context: ssl.SSLContext | None) -> tuple[Tunnel | None, dict[str, str]]:
+def reach(endpoints: list[str], context: ssl.SSLContext | None,
+          local: dict[str, str] | None = None) -> tuple[Tunnel | None, dict[str, str]]:
     """``(tunnel, {endpoint: where to connect})``: with a TLS context, a local forward to each
-    endpoint (close the tunnel when done); without, the endpoints themselves."""
+    endpoint (close the tunnel when done); without, the endpoints themselves. ``local``:
+    ``{endpoint: its server's own 127.0.0.1 port}`` for the servers on this PC, reached
+    directly (a tunnel on loopback would protect nothing: any process here can reach that
+    port, and it would cost two proxy hops, the head's own server carrying the logits)."""
+    local = local or {}
     if context is None:
         return None, {e: e for e in endpoints}
+    if all(e in local for e in endpoints):
+        return None, {e: local[e] for e in endpoints}
     t = Tunnel()
     try:
-        return t, {e: t.forward(e, context) for e in endpoints}
+        return t, {e: local[e] if e in local else t.forward(e, context) for e in endpoints}
     except BaseException:
         t.close()
         raise

@@ -38,7 +38,7 @@ class ShardedModel(ChildModel):
     STALL = 10.0
 
     def __init__(self, spec, plan: dict, name: str, threads: int, on_progress: Callable[[float], None] | None = None,
-                 client=None, tls_context=None):
+                 client=None, tls_context=None, local: dict[str, str] | None = None):
         from ..shard_protocol import ShardPlan, ShardServerError, probe
         from ..tls_tunnel import reach
 
@@ -48,8 +48,9 @@ class ShardedModel(ChildModel):
         if self.plan.tls and tls_context is None:
             raise ShardLost(f"model {name!r}: its shard servers take TLS only, and this worker has no TLS "
                             f"certificate (security.tls)")
-        # with TLS, llama.cpp talks to a local end of a mutual-TLS tunnel to each server
-        self._tunnel, self._via = reach(self.plan.endpoints, tls_context if self.plan.tls else None)
+        # with TLS, llama.cpp talks to a local end of a mutual-TLS tunnel to each other PC's
+        # server, and straight to this worker's own server's 127.0.0.1 port (``local``)
+        self._tunnel, self._via = reach(self.plan.endpoints, tls_context if self.plan.tls else None, local)
         path = Path(resolve_source(spec.source))
         opts = {k: v for k, v in spec.options.items() if k != "shard_plan"}
         for part in self.plan.parts:  # a server that is down or of another version would abort the child
@@ -232,7 +233,12 @@ def load_sharded(spec, device: str = "cpu", threads: int = 1, name: str = "model
             last[0] = p
             worker.log_event("aicluster-load", {"model": name, "progress": p})
 
+    from ..host import PLUGIN_NAME
     from ..tls_tunnel import worker_client_context
 
+    local = {}  # this worker's own shard servers: their inner 127.0.0.1 ports, no tunnel
+    host = worker.plugins.get(PLUGIN_NAME) if worker is not None else None
+    if host is not None:
+        local = {i["endpoint"]: i["local"] for i in host.server_infos() if i.get("local")}
     return ShardedModel(spec, spec.options["shard_plan"], name, threads, on_progress=progress, client=client,
-                        tls_context=worker_client_context(worker) if worker is not None else None)
+                        tls_context=worker_client_context(worker) if worker is not None else None, local=local)
