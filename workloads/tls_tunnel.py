@@ -9,7 +9,7 @@ TLS with the head worker's certificate. llama.cpp talks plain ggml RPC to the lo
 
 Written here because nothing in the project's dependencies forwards a TCP port over TLS
 (stunnel or socat would be one more program to install on every PC); it is a byte pump on
-one asyncio loop in a thread, with TCP_NODELAY on both legs (ggml RPC sends small
+one asyncio loop in a thread (protocol callbacks), with TCP_NODELAY on both legs (ggml RPC sends small
 commands and waits for each answer: Nagle's delay would cost milliseconds per token).
 """
 from __future__ import annotations
@@ -24,33 +24,68 @@ __all__ = ["Tunnel", "reach", "worker_client_context"]
 
 logger = logging.getLogger("workloads.tls_tunnel")
 
-BUFFER = 1 << 20
+#: a leg stops reading while more than this waits to be sent on the other (weights uploads)
+HIGH_WATER = 4 << 20
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+class _Leg(asyncio.Protocol):
+    """One side of a relayed connection: what it receives is written to ``peer``'s transport.
+    Protocol callbacks, not streams: a message costs no task switch per hop (ggml RPC makes
+    several small round trips per token). Back-pressure: a leg whose transport has too much
+    to send pauses the other leg's reading."""
 
+    def __init__(self, tunnel: "Tunnel", on_made=None) -> None:
+        self.tunnel = tunnel
+        self._on_made = on_made  # (a listener's leg: opens the other leg once this one is made)
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Leg | None = None
+        self._early: list[bytes] = []  # what came before the other leg was connected
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            data = await reader.read(BUFFER)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError, OSError):
-        pass
-    finally:
-        try:
-            writer.close()
-        except Exception:
-            pass
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.tunnel._legs.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        if self._on_made is not None:
+            self.tunnel.loop.create_task(self._on_made(self))
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self._early.append(data)
+            self.transport.pause_reading()
+        else:
+            self.peer.transport.write(data)
+
+    def connection_lost(self, exc) -> None:
+        self.tunnel._legs.discard(self)
+        if self.peer is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+    def join(self, other: "_Leg") -> None:
+        self.peer, other.peer = other, self
+        for leg in (self, other):
+            if leg.transport.is_closing():  # one side went while the other was connecting
+                leg.peer.transport.close()
+                return
+        for leg in (self, other):
+            for data in leg._early:
+                leg.peer.transport.write(data)
+            if leg._early:
+                leg._early.clear()
+                leg.transport.resume_reading()
 
 
 class Tunnel:
@@ -59,66 +94,57 @@ class Tunnel:
     def __init__(self, name: str = "aicluster-tls-tunnel") -> None:
         self.loop = asyncio.new_event_loop()
         self._servers: list[asyncio.base_events.Server] = []
+        self._legs: set[_Leg] = set()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
     def _run(self, coro, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def serve(self, host: str, port: int, target: tuple[str, int], context: ssl.SSLContext) -> int:
-        """TLS on ``host:port`` (0: a free port) to plain TCP ``target``; the port it listens on.
-        ``context``: a server context that requires a client certificate."""
-        async def handle(reader, writer):
-            try:  # (called once the TLS handshake, with the peer's certificate checked, is done)
-                up_reader, up_writer = await asyncio.open_connection(*target, limit=BUFFER)
+    def _listen(self, host: str, port: int, context: ssl.SSLContext | None, connect, what: str) -> int:
+        """A listener on ``host:port`` (TLS with ``context``) whose each connection is relayed
+        to the one ``connect()`` opens; the port it listens on."""
+        async def pair(down: _Leg) -> None:
+            try:
+                _, up = await asyncio.wait_for(connect(), 30)
             except Exception as e:
-                logger.info("shard tunnel %s:%s: connection from %s refused or lost: %s", host, port,
-                            writer.get_extra_info("peername"), e)
-                writer.close()
+                logger.warning("shard tunnel %s: connection from %s not relayed: %s: %s", what,
+                               down.transport.get_extra_info("peername"), type(e).__name__, e)
+                down.transport.close()
                 return
-            _nodelay(writer)
-            _nodelay(up_writer)
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            down.join(up)
 
-        async def start():
-            srv = await asyncio.start_server(handle, host, port, ssl=context, limit=BUFFER,
-                                             ssl_handshake_timeout=30)
+        async def start():  # (with TLS, a leg is made once the handshake, the peer's certificate checked, is done)
+            srv = await self.loop.create_server(lambda: _Leg(self, pair), host, port, ssl=context,
+                                                ssl_handshake_timeout=30 if context is not None else None)
             self._servers.append(srv)
             return srv.sockets[0].getsockname()[1]
 
         return self._run(start())
 
+    def serve(self, host: str, port: int, target: tuple[str, int], context: ssl.SSLContext) -> int:
+        """TLS on ``host:port`` (0: a free port) to plain TCP ``target``; the port it listens on.
+        ``context``: a server context that requires a client certificate."""
+        return self._listen(host, port, context, lambda: self.loop.create_connection(lambda: _Leg(self), *target),
+                            f"{host}:{port} -> {target[0]}:{target[1]}")
+
     def forward(self, remote: str, context: ssl.SSLContext) -> str:
         """A listener on 127.0.0.1 whose connections go on to ``remote`` (host:port) over TLS;
         its ``127.0.0.1:port``. ``context``: a client context with this PC's certificate."""
-        host, _, port = remote.rpartition(":")
-
-        async def handle(reader, writer):
-            try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port), ssl=context, limit=BUFFER,
-                                            server_hostname=host if context.check_hostname else ""), 30)
-            except Exception as e:
-                logger.warning("shard tunnel to %s: %s: %s", remote, type(e).__name__, e)
-                writer.close()
-                return
-            _nodelay(writer)
-            _nodelay(up_writer)
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-        async def start():
-            srv = await asyncio.start_server(handle, "127.0.0.1", 0, limit=BUFFER)
-            self._servers.append(srv)
-            return srv.sockets[0].getsockname()[1]
-
-        return f"127.0.0.1:{self._run(start())}"
+        host, _, rport = remote.rpartition(":")
+        hostname = host if context.check_hostname else ""
+        here = self._listen("127.0.0.1", 0, None, lambda: self.loop.create_connection(
+            lambda: _Leg(self), host, int(rport), ssl=context, server_hostname=hostname), f"to {remote}")
+        return f"127.0.0.1:{here}"
 
     def close(self) -> None:
         async def stop():
             for s in self._servers:
                 s.close()
             self._servers.clear()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # (open connections)
+            for leg in list(self._legs):  # (open connections)
+                leg.transport.abort()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # (connecting ones)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
