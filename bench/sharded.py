@@ -9,7 +9,9 @@ the output layer on the last part (``shard.output: last``, as before) and on the
 server (the default), and the bytes per generated token through each server's sockets are
 shown (the kernel's counters): those of the other PC's server would cross a LAN. Ends with
 ``RESULT sharded ratio=<x> target=0.90`` where ratio = split generation tokens/s over
-in-process tokens/s (higher is better; ggml RPC adds a round trip per layer range per token),
+in-process tokens/s (higher is better; ggml RPC adds a round trip per layer range per token;
+the median of pairs: each split generation is followed by an in-process one of the same
+prompt, so the machine's slow and fast minutes fall on both sides),
 and a third split run with ``security.tls`` (the shard servers behind mutual-TLS tunnels):
 ``RESULT sharded_tls ratio=<x> target=0.95``, tokens/s with TLS over without.
 
@@ -88,16 +90,16 @@ def main() -> None:
     spec = cfg.models[model].model_copy(update={"shard": False})
     prompts = (PROMPTS * a.repeats)[:a.repeats + 1]
 
+    # the baseline stays loaded: each split generation is paired with one in-process run of the
+    # same prompt right after it, so a slow minute of this shared machine moves both sides
     m = llamacpp.load(spec, device="cpu", threads=1, name="baseline")
-    try:
-        m.generate(prompts[0], max_tokens=8)  # warm caches
-        local = [rates(m.generate(q, max_tokens=a.tokens)) for q in prompts[1:]]
-    finally:
-        m.close()
+    m.generate(prompts[0], max_tokens=8)  # warm caches
+    local = []
 
-    def split_run(output: str, tls: str | None = None) -> tuple[list, float, float]:
-        """(rates per prompt, bytes per token on the other PC's server, on the head's own);
-        ``tls``: a folder of ``aicluster certs``, the cluster and its shard traffic on TLS"""
+    def split_run(output: str, tls: str | None = None) -> tuple[list, float, float, list]:
+        """(rates per prompt, bytes per token on the other PC's server, on the head's own,
+        the in-process rates paired with them); ``tls``: a folder of ``aicluster certs``, the
+        cluster and its shard traffic on TLS"""
         d = copy.deepcopy(data)
         d["models"][model]["shard"] = {"workers": ["pc1", "pc2"], "output": output, "plan": "memory"}
         if tls:
@@ -114,18 +116,24 @@ def main() -> None:
             ai.generate_now(prompts[0], model=model, max_tokens=8)  # warm
             remote = [p.endpoint for p in plan.parts if p.worker != plan.head]
             own = [p.endpoint for p in plan.parts if p.worker == plan.head]
-            out, far, near = [], [], []
+            out, far, near, paired = [], [], [], []
             for q in prompts[1:]:
                 before = io_bytes(remote), io_bytes(own)
                 r = ai.generate_now(q, model=model, max_tokens=a.tokens)
                 far.append((io_bytes(remote) - before[0]) / r["completion_tokens"])
                 near.append((io_bytes(own) - before[1]) / r["completion_tokens"])
                 out.append(rates(r))
+                paired.append(rates(m.generate(q, max_tokens=a.tokens)))
             assert r["completion_tokens"] == a.tokens, "the split model stopped early"
-        return out, statistics.median(far), statistics.median(near)
+        local.extend(paired)
+        return out, statistics.median(far), statistics.median(near), paired
 
-    old_split, old_far, old_near = split_run("last")
-    split, far, near = split_run("head")
+    def ratio(side: list, base: list) -> float:
+        """The median of the paired generation ratios."""
+        return statistics.median(y / by for (_, y), (_, by) in zip(side, base))
+
+    old_split, old_far, old_near, _ = split_run("last")
+    split, far, near, base = split_run("head")
     # the same split with security.tls: the shard servers behind mutual-TLS tunnels
     import socket
     import subprocess
@@ -137,7 +145,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aicluster-bench-certs-") as certs:
         subprocess.run([str(Path(sys.executable).parent / "aicluster"), "certs", certs, "--hosts", socket.gethostname()],
                        check=True, capture_output=True, text=True)
-        tls_split, _, _ = split_run("head", tls=certs)
+        tls_split, _, _, tls_base = split_run("head", tls=certs)
+    m.close()
 
     lp, lg = statistics.median(x for x, _ in local), statistics.median(y for _, y in local)
     sp, sg = statistics.median(x for x, _ in split), statistics.median(y for _, y in split)
@@ -148,8 +157,10 @@ def main() -> None:
     print(f"{'split, output layer on the head (default)':<44}{sp:>14.1f}{sg:>16.1f}")
     tp, tg = statistics.median(x for x, _ in tls_split), statistics.median(y for _, y in tls_split)
     print(f"{'split, the same, with security.tls (tunnels)':<44}{tp:>14.1f}{tg:>16.1f}")
-    print(f"{'ratio (default split / in-process)':<44}{sp / lp:>14.2f}{sg / lg:>16.2f}")
-    print(f"{'ratio (with TLS / without)':<44}{tp / sp:>14.2f}{tg / sg:>16.2f}")
+    # each against the in-process runs paired with it; TLS against no TLS through those
+    r_split, r_tls = ratio(split, base), ratio(tls_split, tls_base)
+    print(f"{'ratio (default split / in-process, paired)':<44}{sp / lp:>14.2f}{r_split:>16.2f}")
+    print(f"{'ratio (with TLS / without, paired)':<44}{tp / sp:>14.2f}{r_tls / r_split:>16.2f}")
     print("\nbytes per generated token (its prompt included) through the shard servers' sockets:")
     print(f"{'':<44}{'other PC':>14}{'head PC':>16}")
     print(f"{'output layer on the last part':<44}{old_far / 1024:>11.1f} KiB{old_near / 1024:>13.1f} KiB")
@@ -158,8 +169,8 @@ def main() -> None:
           f"at 1 Gbit/s; the head PC's stay on its loopback)")
     print(f"sides: in-process, one llama.cpp context in this process; split, a head and two shard server processes, "
           f"1 llama.cpp thread each; {os.cpu_count()} cores")
-    print(f"\nRESULT sharded ratio={sg / lg:.3f} target={TARGET:.2f}")
-    print(f"RESULT sharded_tls ratio={tg / sg:.3f} target={TLS_TARGET:.2f}")
+    print(f"\nRESULT sharded ratio={r_split:.3f} target={TARGET:.2f}")
+    print(f"RESULT sharded_tls ratio={r_tls / r_split:.3f} target={TLS_TARGET:.2f}")
 
 
 LAB_CLIENT = r"""
@@ -196,12 +207,10 @@ def lab_main(a) -> None:
     import tempfile
     from pathlib import Path
 
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "tests"))
     from conftest import base_config
-    from lab import Lab, can_build, wait_for
+    from lab import Lab, can_build
 
     from cluster.config import load_config
     from workloads.backends import llamacpp
@@ -226,12 +235,7 @@ def lab_main(a) -> None:
     results = {}
     try:
         with Lab(pcs, rate="1gbit") as lab:
-            addr = f"tcp://{lab.ip('sched')}:8786"
-            env = {}
-            for pc in pcs:
-                data = base_config()
-                data["scheduler"]["address"] = addr
-                data["worker"]["memory_limit"] = "3GB"
+            def edit(pc, data):
                 # budgets of 600 MB (pc1: the input and output layers and 14 of the 18) and 900 MB
                 # (pc2: all of it), by each worker's --memory-limit
                 data["worker"]["model_budget"] = 0.2
@@ -240,16 +244,12 @@ def lab_main(a) -> None:
                 data["models"]["split-lan"] = {**split, "shard": {"workers": ["pc1", "pc2"], "plan": "memory"}}
                 data["models"]["split-by-memory"] = {**split, "shard": {"plan": "memory"}}
                 data["models"]["split-by-speed"] = {**split, "shard": {"plan": "speed"}}
-                (folder / f"{pc}.yaml").write_text(yaml.safe_dump(data))
-                env[pc] = {**os.environ, "AICLUSTER_CONFIG": str(folder / f"{pc}.yaml"),
-                           "AICLUSTER_SPEED_CACHE": str(folder / pc / "speed.json"),
-                           "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root)])}
-            wait_for(lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                               env["sched"]), "scheduler at")
+
+            lab.configure(folder, edit=edit, env=lambda pc: {"AICLUSTER_SPEED_CACHE": str(folder / pc / "speed.json")})
+            addr, env = lab.addr, lab.env
+            lab.scheduler()
             for pc in ("pc1", "pc2"):
-                wait_for(lab.popen(pc, ["aicluster", "worker", "--tier", "CPU", "--host", lab.ip(pc), "--name", pc,
-                                        "--shard-server", "--memory-limit", {"pc1": "3GB", "pc2": "4.5GB"}[pc]],
-                                   env[pc]), "Registered to")
+                lab.worker(pc, "CPU", "--shard-server", "--memory-limit", {"pc1": "3GB", "pc2": "4.5GB"}[pc])
             script = folder / "client.py"
             script.write_text(LAB_CLIENT)
 

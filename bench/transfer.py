@@ -73,10 +73,7 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="the cluster over TLS (aicluster certs)")
     a = ap.parse_args()
 
-    import yaml
-
-    from conftest import BIN, base_config
-    from lab import Lab, can_build, wait_for
+    from lab import Lab, can_build
     from test_sources import GEMMA, ollama_store
     from workloads.backends.sources import resolve_source
 
@@ -92,40 +89,21 @@ def main() -> int:
     store = ollama_store(folder / "ollama", gguf)
     try:
         with Lab(pcs, rate=a.rate) as lab:
-            scheme = "tls" if a.tls else "tcp"
-            addr = f"{scheme}://{lab.ip('sched')}:8786"
-            env = {}
-            for pc in pcs:
-                data = base_config()
-                data["scheduler"]["address"] = addr
-                data["worker"]["memory_limit"] = "3GB"
+            def edit(pc, data):
                 for w, tier in tiers.items():
                     data["models"][f"gemma-{w}"] = {**data["models"]["gemma-270m"], "source": "ollama:gemma3:270m",
                                                     "tier": tier}
                 data["routing"]["fallback"] = {t: [] for t in data["tiers"]}
-                if a.tls:
-                    certs = folder / "certs"
-                    if not certs.exists():
-                        hosts = ",".join(f"{p}={lab.ip(p)}" for p in pcs)
-                        subprocess.run([str(BIN / "aicluster"), "certs", str(certs), "--hosts", hosts], check=True,
-                                       capture_output=True)
-                    data["security"] = {"tls": True, "ca_file": str(certs / "ca.pem"),
-                                        "cert_file": str(certs / f"{pc}.pem"), "key_file": str(certs / f"{pc}.key")}
-                cfg = folder / f"{pc}.yaml"
-                cfg.write_text(yaml.safe_dump(data))
+
+            def env(pc):  # each PC its own Ollama folder, cache and hashes; only the scheduler's has it
                 home = folder / pc
-                env[pc] = {**os.environ, "AICLUSTER_CONFIG": str(cfg), "OLLAMA_MODELS": str(home / "ollama"),
-                           "AICLUSTER_MODEL_CACHE": str(home / "cache"), "AICLUSTER_DIGESTS": str(home / "digests"),
-                           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-            env["sched"]["OLLAMA_MODELS"] = str(store)
-            s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                          env["sched"])
-            wait_for(s, "scheduler at")
-            workers = {}
-            for w, tier in tiers.items():
-                workers[w] = lab.popen(w, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(w), "--name", w],
-                                       env[w])
-                wait_for(workers[w], "Registered to")
+                return {"OLLAMA_MODELS": str(store if pc == "sched" else home / "ollama"),
+                        "AICLUSTER_MODEL_CACHE": str(home / "cache"), "AICLUSTER_DIGESTS": str(home / "digests")}
+
+            lab.configure(folder, tls=a.tls, edit=edit, env=env)
+            addr, env = lab.addr, lab.env
+            lab.scheduler()
+            workers = {w: lab.worker(w, tier) for w, tier in tiers.items()}
 
             def fetched() -> list[str]:
                 """The workers' own summaries of their fetches since the last look (where each

@@ -355,8 +355,10 @@ def _shortfall(model: str, layout: GGUFLayout, chosen: list[dict], who: str) -> 
     each = ", ".join(f"{c['name']} {format_bytes(c['free'])}" for c in chosen)
     short = max(need - have, 0)
     return (f"model {model!r} needs about {format_bytes(need)} (weights + a KV cache of {layout.n_ctx} tokens) but "
-            f"{who} have {format_bytes(have)} free ({each}); short by {format_bytes(short)}"
-            + (" (no worker can take the largest layer)" if short == 0 else "")
+            f"{who} have {format_bytes(have)} free ({each}); "
+            + (f"short by {format_bytes(short)}" if short > 0 else
+               "enough in all, but the layers cannot be divided among them (a layer is placed whole, and "
+               "no worker has room for a share of whole layers)")
             + ". Add a worker with a shard server, unload other models, or lower the model's options.n_ctx or "
               "options.parallel.")
 

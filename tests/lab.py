@@ -147,6 +147,55 @@ class Lab:
         cmd = ["ip", "netns", "exec", self.ns(pc), str(BIN / args[0]), *args[1:]]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
+    # -- a cluster on the lab -------------------------------------------------------------------
+    def configure(self, folder: Path, *, tls: bool = False, edit=None, env=None, base=None) -> None:
+        """Each PC its own ``folder/<pc>.yaml`` and environment, as on separate PCs: the
+        project's config.yaml (or ``base()``) with the scheduler PC's (``sched``) address and
+        3 GB workers, then ``edit(pc, data)``; with ``tls``, certificates for every PC from
+        ``aicluster certs`` and a ``security`` block naming this PC's; ``env(pc)`` is added to
+        the PC's environment (which has its config and tests/ importable). Sets ``addr``,
+        ``env`` (per PC) and ``folder``."""
+        import yaml
+
+        self.folder = Path(folder)
+        self.addr = f"{'tls' if tls else 'tcp'}://{self.ip('sched')}:8786"
+        certs = self.folder / "certs"
+        if tls and not certs.exists():
+            hosts = ",".join(f"{pc}={self.ip(pc)}" for pc in self.names)
+            r = subprocess.run([str(BIN / "aicluster"), "certs", str(certs), "--hosts", hosts],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"aicluster certs failed: {r.stderr}")
+        self.env = {}
+        for pc in self.names:
+            data = base() if base is not None else yaml.safe_load((ROOT / "config.yaml").read_text())
+            data["scheduler"]["address"] = self.addr
+            data["worker"]["memory_limit"] = "3GB"
+            if tls:
+                data["security"] = {"tls": True, "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / f"{pc}.pem"),
+                                    "key_file": str(certs / f"{pc}.key")}
+            if edit is not None:
+                edit(pc, data)
+            cfg = self.folder / f"{pc}.yaml"
+            cfg.write_text(yaml.safe_dump(data))
+            self.env[pc] = {**os.environ, "AICLUSTER_CONFIG": str(cfg),
+                            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+                            **(env(pc) if env is not None else {})}
+
+    def scheduler(self, pc: str = "sched", dashboard_port: int = 0) -> subprocess.Popen:
+        """``aicluster scheduler`` on ``pc`` (after ``configure``), once it listens."""
+        p = self.popen(pc, ["aicluster", "scheduler", "--host", self.ip(pc), "--dashboard-port", str(dashboard_port)],
+                       self.env[pc])
+        wait_for(p, "scheduler at")
+        return p
+
+    def worker(self, pc: str, tier: str, *extra: str) -> subprocess.Popen:
+        """``aicluster worker`` named ``pc`` on ``pc``, once it has joined the scheduler."""
+        p = self.popen(pc, ["aicluster", "worker", "--tier", tier, "--host", self.ip(pc), "--name", pc, *extra],
+                       self.env[pc])
+        wait_for(p, "Registered to")
+        return p
+
     # -- CPU: a slower PC -------------------------------------------------------------------
     def limit_cpu(self, pc: str, fraction: float) -> None:
         """Give ``pc`` ``fraction`` of one CPU (cgroup v2 ``cpu.max``, or v1's CFS quota where
@@ -242,24 +291,17 @@ def wait_for(p: subprocess.Popen, needle: str, timeout: float = 120, seen: list 
 def demo() -> None:
     import tempfile
 
-    import yaml
-
     why = can_build()
     if why:
         sys.exit(why)
     folder = Path(tempfile.mkdtemp(prefix="aicluster-lab-"))
-    data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg = folder / "config.yaml"
     with Lab(["sched", "gpu1", "gpu2", "cpu", "client"]) as lab:
-        data["scheduler"]["address"] = f"tcp://{lab.ip('sched')}:8786"
-        data["scheduler"]["jobs_db"] = str(folder / "jobs.sqlite3")
-        cfg.write_text(yaml.safe_dump(data))
-        env = {**os.environ, "AICLUSTER_CONFIG": str(cfg), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched")], env)
-        wait_for(s, "scheduler at")
+        lab.configure(folder, edit=lambda pc, data: data["scheduler"].update(jobs_db=str(folder / "jobs.sqlite3")),
+                      env=lambda pc: {"HF_HUB_OFFLINE": "1"})
+        env = lab.env["client"]
+        lab.scheduler("sched", dashboard_port=8787)
         for pc, tier in (("gpu1", "VRAM12"), ("gpu2", "VRAM6"), ("cpu", "CPU")):
-            w = lab.popen(pc, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(pc), "--name", pc], env)
-            wait_for(w, "Registered to")
+            lab.worker(pc, tier)
         print(lab.run("client", ["aicluster", "status"], env).stdout)
         print(f"lab up: {', '.join(f'{pc} {lab.ip(pc)} ({lab.ns(pc)})' for pc in lab.names)}")
         print(f"e.g. ip netns exec {lab.ns('client')} {BIN}/aicluster generate --prompts P.jsonl -o out.jsonl "

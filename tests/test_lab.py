@@ -8,13 +8,12 @@ addresses are used. Skipped, with the reason, where namespaces cannot be made (n
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, base_config
+from conftest import base_config
 from lab import Lab, can_build, wait_for
 
 pytestmark = pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
@@ -31,42 +30,18 @@ FAST = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "10s", "DASK_DISTRIBUTED__COM
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    import subprocess
-
-    import yaml
-
-    from conftest import BIN
-
     folder = tmp_path_factory.mktemp("lab")
+
+    def edit(pc, data):
+        data["scheduler"]["jobs_db"] = str(folder / "jobs.sqlite3")
+        data["worker"]["reconnect"] = {"initial_delay": 0.5, "max_delay": 2}
+
     with Lab(PCS) as lab:
-        certs = folder / "certs"
-        hosts = ",".join(f"{pc}={lab.ip(pc)}" for pc in PCS)
-        r = subprocess.run([str(BIN / "aicluster"), "certs", str(certs), "--hosts", hosts], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        lab.addr = f"tls://{lab.ip('sched')}:8786"
-        lab.env = {}
-        for pc in PCS:  # each PC its own config.yaml, with its own certificate
-            data = base_config()
-            data["scheduler"]["address"] = lab.addr
-            data["scheduler"]["jobs_db"] = str(folder / "jobs.sqlite3")
-            data["worker"]["memory_limit"] = "3GB"
-            data["worker"]["reconnect"] = {"initial_delay": 0.5, "max_delay": 2}
-            data["security"] = {"tls": True, "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / f"{pc}.pem"),
-                                "key_file": str(certs / f"{pc}.key")}
-            cfg = folder / f"{pc}.yaml"
-            cfg.write_text(yaml.safe_dump(data))
-            lab.env[pc] = {**os.environ, **FAST, "AICLUSTER_CONFIG": str(cfg),
-                           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-        s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                      lab.env["sched"])
-        wait_for(s, "scheduler at")
-        lab.sched = s
+        lab.configure(folder, tls=True, edit=edit, env=lambda pc: FAST)  # each PC its own config and certificate
+        lab.sched = lab.scheduler()
         for pc, tier, extra in (("gpu1", "VRAM12", ["--shard-server"]), ("gpu2", "VRAM6", ["--shard-server"]),
                                 ("cpu", "CPU", [])):
-            w = lab.popen(pc, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(pc), "--name", pc, *extra],
-                          lab.env[pc])
-            wait_for(w, "Registered to")
-        lab.workers = {}
+            lab.worker(pc, tier, *extra)
         yield lab
 
 
@@ -207,9 +182,7 @@ def test_scheduler_pc_restarted_loses_nothing(lab, references, tmp_path):
     time.sleep(1.5)  # (the job board writes its rows every second)
     lab.sched.kill()
     lab.sched.wait()
-    lab.sched = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                          lab.env["sched"])
-    wait_for(lab.sched, "scheduler at")
+    lab.sched = lab.scheduler()
     out = wait_for(holder, "RESULT ", timeout=300)
     assert holder.wait(60) == 0, out
     got = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])

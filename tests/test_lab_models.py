@@ -32,46 +32,28 @@ MODELS = {"gemma-pc1": "VRAM12", "gemma-pc2": "VRAM6", "gemma-cpu": "CPU"}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    import subprocess
-
-    import yaml
-
-    from conftest import BIN, ROOT
     from test_sources import GEMMA, ollama_store
     from workloads.backends.sources import resolve_source
 
     folder = tmp_path_factory.mktemp("labmodels")
     store = ollama_store(folder / "ollama", resolve_source(GEMMA), copy=True)  # (its own bytes: corrupted below)
+
+    def edit(pc, data):
+        for name, tier in MODELS.items():  # one name per PC's tier: each PC fetches for itself
+            data["models"][name] = {**data["models"]["gemma-270m"], "source": "ollama:gemma3:270m", "tier": tier}
+        data["routing"]["fallback"] = {t: [] for t in data["tiers"]}
+
+    def env(pc):  # each PC its own Ollama folder, model cache and hashes; the scheduler's the only store
+        home = folder / pc
+        return {"OLLAMA_MODELS": str(store if pc == "sched" else home / "ollama"),
+                "AICLUSTER_MODEL_CACHE": str(home / "cache"), "AICLUSTER_DIGESTS": str(home / "digests")}
+
     with Lab(PCS, rate="400mbit") as lab:
-        certs = folder / "certs"
-        hosts = ",".join(f"{pc}={lab.ip(pc)}" for pc in PCS)
-        r = subprocess.run([str(BIN / "aicluster"), "certs", str(certs), "--hosts", hosts], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        lab.addr = f"tls://{lab.ip('sched')}:8786"
-        lab.env, lab.folder, lab.store, lab.w = {}, folder, store, {}
-        for pc in PCS:
-            data = base_config()
-            data["scheduler"]["address"] = lab.addr
-            data["worker"]["memory_limit"] = "3GB"
-            for name, tier in MODELS.items():  # one name per PC's tier: each PC fetches for itself
-                data["models"][name] = {**data["models"]["gemma-270m"], "source": "ollama:gemma3:270m", "tier": tier}
-            data["routing"]["fallback"] = {t: [] for t in data["tiers"]}
-            data["security"] = {"tls": True, "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / f"{pc}.pem"),
-                                "key_file": str(certs / f"{pc}.key")}
-            cfg = folder / f"{pc}.yaml"
-            cfg.write_text(yaml.safe_dump(data))
-            home = folder / pc  # each PC its own Ollama folder, model cache and hashes
-            lab.env[pc] = {**os.environ, "AICLUSTER_CONFIG": str(cfg), "OLLAMA_MODELS": str(home / "ollama"),
-                           "AICLUSTER_MODEL_CACHE": str(home / "cache"), "AICLUSTER_DIGESTS": str(home / "digests"),
-                           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-        lab.env["sched"]["OLLAMA_MODELS"] = str(store)  # the only PC that has it
-        s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                      lab.env["sched"])
-        wait_for(s, "scheduler at")
+        lab.configure(folder, tls=True, edit=edit, env=env)
+        lab.store, lab.w = store, {}
+        lab.scheduler()
         for pc, tier in (("gpu1", "VRAM12"), ("gpu2", "VRAM6"), ("cpu", "CPU")):
-            lab.w[pc] = lab.popen(pc, ["aicluster", "worker", "--tier", tier, "--host", lab.ip(pc), "--name", pc],
-                                  lab.env[pc])
-            wait_for(lab.w[pc], "Registered to")
+            lab.w[pc] = lab.worker(pc, tier)
         yield lab
 
 

