@@ -2,7 +2,6 @@
 command), never a traceback, and loses nothing. Real clusters and real subprocesses."""
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from cluster.config import ConfigError, load_config
-from conftest import base_config, free_port
+from conftest import base_config
 from procs import run
 
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from distributed import Client
 
-from conftest import BIN, ROOT, base_config, free_port
-from procs import Proc, proc, read_until
+from conftest import BIN, base_config, free_port
+from procs import proc, read_until
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_aicluster_up_then_status_shows_three_tiers(env_with_tests):
     port = free_port()
     with proc(["aicluster", "up", "--scheduler-port", str(port), "--dashboard-port", "0"], env_with_tests) as up:
         out = read_until(up, "running; Ctrl-C to stop", timeout=120)
-        assert f"scheduler: tcp://" in out and f":{port}" in out
+        assert "scheduler: tcp://" in out and f":{port}" in out
         assert "dashboard: http://" in out
         st = subprocess.run([str(BIN / "aicluster"), "status", f"tcp://127.0.0.1:{port}", "--json"],
                             env=env_with_tests, capture_output=True, text=True, timeout=60)

@@ -190,7 +190,7 @@ def test_no_module_uses_another_modules_underscore_names():
                 continue  # (an attribute a base class of another package defines: caught below if private)
             where = "another module of ours" if node.attr in ours else "a library's internals"
             bad.append(f"{path}:{node.lineno}: .{node.attr} is {where}: use a public name"
-                       + ("" if node.attr in ours else f" or a shim in workloads/compat.py"))
+                       + ("" if node.attr in ours else " or a shim in workloads/compat.py"))
     assert not bad, "\n".join(bad)
 
 

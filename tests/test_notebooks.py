@@ -1,7 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom (so they never rot)."""
 from __future__ import annotations
 
-import sys
 
 import nbformat
 import pytest

@@ -25,7 +25,7 @@ def test_parallel_branches_overlap_on_their_tiers_and_feed_the_join(tiers):
     r = tiers.run_pipeline(spec)
     assert r["c"] == "a+b" and r.output == "a+b"
     assert {k: v["worker"] for k, v in r.stages.items()} == {"a": "pc1", "b": "pc2", "c": "cpu"}
-    (a0, a1), (b0, b1), (c0, c1) = r.spans["a"], r.spans["b"], r.spans["c"]
+    (a0, a1), (b0, b1), (c0, _) = r.spans["a"], r.spans["b"], r.spans["c"]
     assert a0 < b1 and b0 < a1, "the independent stages did not run at the same time"
     assert c0 >= max(a1, b1)
     table = str(r)

@@ -3,7 +3,6 @@ in test_cli.py). Tiers are forced from config, so they are simulated on this mac
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import pytest

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -242,7 +241,7 @@ def test_aicluster_scheduler_and_worker_over_tls(tls_cluster):
     env = {**tls_cluster["env"], "AICLUSTER_CONFIG": str(cfg)}
     with proc(["aicluster", "scheduler"], env) as sched:
         out = read_until(sched, "scheduler at")
-        assert f"scheduler at tls://" in out and "dashboard https://" in out
+        assert "scheduler at tls://" in out and "dashboard https://" in out
         with proc(["aicluster", "worker", "--tier", "VRAM6", "--name", "pc2"], env) as w:
             read_until(w, "joined the scheduler")
             st = run(["status", "--json"], env)

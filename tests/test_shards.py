@@ -10,14 +10,12 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import ROOT, base_config, free_port
+from conftest import base_config, free_port
 from procs import proc, read_until, run
 
 PROMPT = "The three primary colors are"
